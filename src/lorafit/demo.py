@@ -1,0 +1,61 @@
+"""`lorafit demo`: the main job in one command, on the embedded model and shipped glossary.
+
+generate data -> train (configs/demo.yaml) -> evaluate base vs tuned -> merge -> show answers.
+
+    lorafit demo --output runs/demo
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafit.config import Config
+from lorafit.data.generate import write_generated
+from lorafit.data.glossary import load_glossary
+from lorafit.errors import LorafitError
+
+
+@dataclass
+class DemoResult:
+    run_dir: Path
+    merged_dir: Path
+    metrics: dict
+    merge: dict
+    samples: list[dict]
+
+
+def run_demo(config: Config, output: Path, overwrite: bool = False, console=None) -> DemoResult:
+    from lorafit.evaluate import evaluate
+    from lorafit.merge import merge
+    from lorafit.train import train
+
+    def say(msg: str) -> None:
+        if console is not None:
+            console.print(msg)
+
+    if not config.data.glossary:
+        raise LorafitError("the demo config needs data.glossary (a glossary file)")
+    glossary = load_glossary(config.data.glossary)
+    data_dir = output / "data"
+    train_path, eval_path, n_train, n_eval = write_generated(glossary, data_dir, seed=config.data.seed)
+    say(f"[bold]1/4 data[/]: {len(glossary.terms)} terms -> {n_train} train / {n_eval} held-out "
+        f"prompts in {data_dir}")
+    config.data.train, config.data.eval = str(train_path), str(eval_path)
+    config.output_dir = str(output / "run")
+    say(f"[bold]2/4 train[/]: {config.model.name}, LoRA r={config.lora.r}, "
+        f"{config.train.epochs:g} epochs, lr {config.train.lr:g}")
+    run_dir = train(config, overwrite=overwrite)
+    say(f"[bold]3/4 eval[/]: base vs tuned on {n_eval} held-out phrasings")
+    metrics = evaluate(run_dir, eval_path, max_new_tokens=config.eval.max_new_tokens,
+                       batch_size=config.eval.batch_size, limit=config.eval.limit)
+    say("[bold]4/4 merge[/]")
+    merged_dir = output / "merged"
+    merge_report = merge(run_dir, merged_dir, overwrite=overwrite)
+    samples = []
+    pred_file = Path(metrics["output"]) / "predictions.jsonl"
+    import json
+
+    rows = [json.loads(line) for line in pred_file.read_text().splitlines()]
+    samples = rows[:: max(1, len(rows) // 6)][:6]
+    return DemoResult(run_dir, merged_dir, metrics, merge_report, samples)

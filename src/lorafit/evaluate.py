@@ -1,0 +1,146 @@
+"""Evaluate stage: base vs tuned model on held-out prompts.
+
+    lorafit eval runs/demo --data data/generated/eval.jsonl
+
+How ``accuracy`` is judged (``judge``): take the reference answer's key words — lower-cased
+words of 2+ characters that are not stop words and do not already occur in the prompt (so
+echoing the question earns nothing). An answer is correct when it contains at least 60% of
+them (KEY_RECALL). When the reference has no key words left, the answer must contain the
+whole reference. ``rouge_l`` is the ROUGE-L F1 (longest common subsequence of words).
+``stop_rate`` is the share of answers that ended with the end-of-turn token by themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from lorafit.data.formats import read_dataset
+from lorafit.errors import LorafitError
+from lorafit.inference import generate, load_for_inference
+from lorafit.rundir import write_json
+
+KEY_RECALL = 0.6
+STOP_WORDS = frozenset(
+    """a an the and or of to in on for at by with from as is are was were be been being it its
+    this that these those which who whom what when where why how than then so such can could
+    may might must shall should will would do does did done has have had not no nor but if
+    into onto out over under up down about after before between both each few more most other
+    some any all only own same too very just also there their them they we you your our us
+    he she his her him i me my one two per via used use uses using""".split()
+)
+_WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def key_words(reference: str, prompt: str = "") -> set[str]:
+    asked = set(words(prompt))
+    return {w for w in words(reference) if len(w) > 1 and w not in STOP_WORDS and w not in asked}
+
+
+def judge(prompt: str, reference: str, answer: str) -> bool:
+    """Is ``answer`` a correct answer to ``prompt``, given the ``reference``? (see module doc)"""
+    keys = key_words(reference, prompt)
+    got = set(words(answer))
+    if not keys:
+        return " ".join(words(reference)) in " ".join(words(answer))
+    return len(keys & got) / len(keys) >= KEY_RECALL
+
+
+def rouge_l(reference: str, answer: str) -> float:
+    """ROUGE-L F1 over words."""
+    ref, hyp = words(reference), words(answer)
+    if not ref or not hyp:
+        return 0.0
+    prev = [0] * (len(hyp) + 1)
+    for r in ref:
+        cur = [0]
+        for j, h in enumerate(hyp):
+            cur.append(prev[j] + 1 if r == h else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, rec = lcs / len(hyp), lcs / len(ref)
+    return 2 * p * rec / (p + rec)
+
+
+def score(rows: list[dict], key: str) -> dict[str, float]:
+    n = max(len(rows), 1)
+    return {
+        "accuracy": sum(judge(r["prompt"], r["reference"], r[key]) for r in rows) / n,
+        "rouge_l": sum(rouge_l(r["reference"], r[key]) for r in rows) / n,
+        "stop_rate": sum(r[f"{key}_stopped"] for r in rows) / n,
+    }
+
+
+def _report_md(metrics: dict, rows: list[dict], limit: int = 30) -> str:
+    lines = ["# lorafit evaluation", "", f"{metrics['n']} held-out prompts.", "",
+             "| model | accuracy | ROUGE-L | stops by itself |", "|---|---|---|---|"]
+    for name in ("base", "tuned"):
+        m = metrics[name]
+        lines.append(
+            f"| {name} | {m['accuracy']:.1%} | {m['rouge_l']:.3f} | {m['stop_rate']:.1%} |"
+        )
+    lines += ["", f"## Answers (first {min(limit, len(rows))})", "",
+              "| prompt | base | tuned | reference |", "|---|---|---|---|"]
+
+    def cell(text: str, ok: bool | None = None) -> str:
+        mark = "" if ok is None else ("✅ " if ok else "❌ ")
+        return mark + text.replace("|", "\\|").replace("\n", " ")[:200]
+
+    for r in rows[:limit]:
+        lines.append(
+            f"| {cell(r['prompt'])} | {cell(r['base'], r['base_correct'])} | "
+            f"{cell(r['tuned'], r['tuned_correct'])} | {cell(r['reference'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(
+    run_dir: str | Path,
+    data: str | Path,
+    output: str | Path | None = None,
+    max_new_tokens: int = 96,
+    batch_size: int = 16,
+    limit: int | None = None,
+    progress=None,
+) -> dict:
+    """Answer every prompt with the base and the tuned model; write predictions/metrics/report."""
+    run_dir = Path(run_dir)
+    loaded = load_for_inference(run_dir)
+    if not loaded.has_adapter:
+        raise LorafitError(f"{run_dir}: not a training run directory (no run.json/adapter)")
+    dataset = read_dataset(data)
+    examples = dataset.examples[:limit] if limit else dataset.examples
+    from lorafit.data.tokenize import with_system
+
+    prompts = [with_system(e, loaded.system_prompt) for e in examples]
+    with loaded.model.disable_adapter():
+        base = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress)
+    tuned = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress)
+    rows = []
+    for e, (b, b_stop), (t, t_stop) in zip(examples, base, tuned, strict=True):
+        question = e.prompt[-1]["content"]
+        rows.append({
+            "prompt": question, "reference": e.answer, "base": b, "tuned": t,
+            "base_stopped": b_stop, "tuned_stopped": t_stop,
+            "base_correct": judge(question, e.answer, b),
+            "tuned_correct": judge(question, e.answer, t),
+        })
+    metrics = {"base": score(rows, "base"), "tuned": score(rows, "tuned"), "n": len(rows),
+               "data": str(data), "judge": f"key-word recall >= {KEY_RECALL}"}
+    out = Path(output) if output else run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".predictions.jsonl.tmp").open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    (out / ".predictions.jsonl.tmp").replace(out / "predictions.jsonl")
+    write_json(out / "metrics.json", metrics)
+    (out / "report.md").write_text(_report_md(metrics, rows))
+    metrics["output"] = str(out)
+    return metrics

@@ -1,0 +1,132 @@
+"""Load a model for answering (run dir, merged dir, or any model source) and generate.
+
+    lorafit ask runs/demo "What is ATP?"
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafit.config import ModelSection
+from lorafit.data.formats import Example
+from lorafit.data.tokenize import with_system
+from lorafit.errors import LorafitError
+from lorafit.model import best_device, load_model, load_tokenizer, resolve_model_dir
+from lorafit.rundir import ADAPTER_DIR, RUN_FILE, is_run_dir, read_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    kind: str  # run | model
+    system_prompt: str | None = None
+    has_adapter: bool = False
+
+
+def run_settings(run_dir: Path) -> tuple[str, str | None]:
+    """(base model name, system prompt) a run was trained with."""
+    import yaml
+
+    info = read_json(run_dir / RUN_FILE)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    return info["base_model"]["name"], (cfg.get("data") or {}).get("system_prompt")
+
+
+def load_for_inference(target: str | Path, device: str | None = None) -> Loaded:
+    """A run dir (base + adapter), a merged/HF dir, a .gguf, embedded: or Hub id."""
+    from peft import PeftModel
+
+    device = device or best_device()
+    path = Path(target)
+    if path.is_dir() and (path / RUN_FILE).is_file():
+        if not is_run_dir(path):
+            raise LorafitError(f"{path}: this run has no adapter yet (did training finish?)")
+        base_name, system_prompt = run_settings(path)
+        base = load_model(ModelSection(name=base_name), device=device)
+        model = PeftModel.from_pretrained(base, path / ADAPTER_DIR)
+        model.eval()
+        tokenizer = load_tokenizer(path / ADAPTER_DIR)
+        return Loaded(model, tokenizer, "run", system_prompt, has_adapter=True)
+    model_dir = resolve_model_dir(str(target))
+    model = load_model(ModelSection(name=str(model_dir)), model_dir, device)
+    model.eval()
+    return Loaded(model, load_tokenizer(model_dir), "model")
+
+
+def _prompt_text(tokenizer, prompt: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict[str, str]]],
+    max_new_tokens: int = 96,
+    batch_size: int = 16,
+    progress=None,
+) -> list[tuple[str, bool]]:
+    """Greedy answers for chat prompts: [(text, stopped_by_itself)], in input order.
+
+    Prompts are batched by length (left padding) so little compute goes to padding.
+    """
+    import torch
+
+    order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))
+    results: list[tuple[str, bool]] = [("", False)] * len(prompts)
+    pad_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    end_ids = {tokenizer.eos_token_id}
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            texts = [_prompt_text(tokenizer, prompts[i]) for i in idx]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            new = out[:, enc["input_ids"].shape[1] :]
+            for row, i in zip(new.tolist(), idx, strict=True):
+                stopped = any(t in end_ids for t in row)
+                if stopped:
+                    row = row[: next(k for k, t in enumerate(row) if t in end_ids)]
+                results[i] = (tokenizer.decode(row, skip_special_tokens=True).strip(), stopped)
+            if progress is not None:
+                progress(len(idx))
+    finally:
+        tokenizer.padding_side = pad_side
+    return results
+
+
+def chat_prompt(question: str, system_prompt: str | None, history=None) -> list[dict[str, str]]:
+    example = Example(prompt=(*(history or ()), {"role": "user", "content": question}), answer="")
+    return with_system(example, system_prompt)
+
+
+def stream_answer(loaded: Loaded, messages: list[dict[str, str]], max_new_tokens: int = 256) -> str:
+    """Generate one answer, printing tokens as they come; return the full text."""
+    import torch
+    from transformers import TextStreamer
+
+    tok = loaded.tokenizer
+    text = _prompt_text(tok, messages)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    enc = {k: v.to(next(loaded.model.parameters()).device) for k, v in enc.items()}
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        out = loaded.model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        )
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -1,0 +1,316 @@
+"""Train stage: a LoRA adapter with TRL's SFTTrainer + PEFT, into a self-describing run dir.
+
+    lorafit train configs/demo.yaml --data data/generated/train.jsonl --output runs/demo
+
+Examples are formatted with the model's own chat template and the loss is on the answer
+(plus its end-of-turn token) only; see lorafit.data.tokenize.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from lorafit.config import Config, dump_config
+from lorafit.data.formats import read_dataset
+from lorafit.data.tokenize import Tokenized, tokenize_all
+from lorafit.errors import LorafitError
+from lorafit.model import best_device, cpu_has_bf16, load_model, load_tokenizer, lora_config
+from lorafit.model import resolve_model_dir, resolve_source
+from lorafit.paths import default_run_dir
+from lorafit.plots import plot_loss
+from lorafit.rundir import ADAPTER_DIR, RUN_FILE, RunLock, file_sha256, library_versions
+from lorafit.rundir import prepare_run_dir, write_json
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' -> bf16 where the hardware computes it natively, fp16 on older GPUs, else fp32."""
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def _to_hf_dataset(rows: list[Tokenized]):
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]}
+    )
+
+
+def load_tokenized(path: str, tokenizer, config: Config, role: str):
+    """Read, validate and tokenize a data file; report and guard masking problems."""
+    dataset = read_dataset(path)
+    for warning in dataset.warnings:
+        log.warning(warning)
+    rows, report = tokenize_all(
+        tokenizer, dataset.examples, config.data.max_length, config.data.system_prompt
+    )
+    if report.truncated:
+        log.warning(
+            "%s: %d of %d %s rows are longer than data.max_length=%d and were truncated",
+            path, report.truncated, report.rows, role, config.data.max_length,
+        )
+    if report.fully_masked:
+        log.warning(
+            "%s: %d %s rows have no answer token left after truncation and were dropped; "
+            "raise data.max_length", path, report.fully_masked, role,
+        )
+    if not rows:
+        raise LorafitError(
+            f"{path}: every {role} row lost its answer to truncation (data.max_length="
+            f"{config.data.max_length}); raise data.max_length"
+        )
+    info = {
+        "path": str(path),
+        "sha256": file_sha256(path),
+        "format": dataset.format,
+        "rows": report.rows,
+        "used_rows": len(rows),
+        "truncated": report.truncated,
+        "dropped_no_answer": report.fully_masked,
+        "answer_tokens": sum(r.trainable for r in rows),
+        "tokens": sum(len(r.input_ids) for r in rows),
+    }
+    return rows, info
+
+
+def _trainer_class():
+    """SFTTrainer with lorafit's answer-only loss (single process; DDP keeps TRL's path)."""
+    from trl import SFTTrainer
+
+    from lorafit.loss import answer_only_loss
+
+    class LorafitTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or self.accelerator.num_processes > 1:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, count = answer_only_loss(model, inputs, num_items_in_batch)
+            if model.training:
+                mask = inputs.get("attention_mask")
+                self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+                self._answer_tokens += count
+            return loss
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and self._tokens:
+                logs = {**logs, "num_tokens": self._tokens, "answer_tokens": self._answer_tokens}
+            return super().log(logs, *args, **kwargs)
+
+        _tokens = 0
+        _answer_tokens = 0
+
+    return LorafitTrainer
+
+
+def _callbacks(run_dir: Path, show_progress: bool):
+    from transformers import TrainerCallback
+
+    metrics_path = run_dir / "metrics.jsonl"
+
+    class MetricsCallback(TrainerCallback):
+        """Per-step metrics to metrics.jsonl, tokens/s from TRL's token counter, NaN guard."""
+
+        def __init__(self):
+            self.last = (time.perf_counter(), 0)
+            self.progress = None
+            self.task = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last = (time.perf_counter(), 0)
+            if show_progress:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+                from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+
+                self.progress = Progress(
+                    TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                )
+                self.progress.start()
+                self.task = self.progress.add_task(
+                    "train", total=state.max_steps, completed=state.global_step, info=""
+                )
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            row: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch}
+            now = time.perf_counter()
+            if "loss" in logs:
+                tokens = int(logs.get("num_tokens", 0))
+                t0, n0 = self.last
+                if tokens > n0 and now > t0:
+                    row["tokens_per_s"] = (tokens - n0) / (now - t0)
+                self.last = (now, tokens)
+                row["num_tokens"] = tokens
+            for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy"):
+                if key in logs:
+                    row[key] = logs[key]
+            for key in ("loss", "grad_norm"):
+                value = row.get(key)
+                if value is not None and not math.isfinite(value):
+                    control.should_training_stop = True
+                    state.lorafit_nonfinite = f"{key} became {value} at step {state.global_step}"
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.progress is not None and "loss" in row:
+                info = f"loss {row['loss']:.3f}"
+                if "tokens_per_s" in row:
+                    info += f"  {row['tokens_per_s']:.0f} tok/s"
+                self.progress.update(self.task, info=info)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.progress is not None:
+                self.progress.stop()
+
+    return [MetricsCallback()]
+
+
+def train(
+    config: Config,
+    overwrite: bool = False,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> Path:
+    """Train a LoRA adapter as ``config`` says; return the run directory."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    if not config.data.train:
+        raise LorafitError("no training data: pass --data FILE or set data.train in the config")
+    run_dir = Path(config.output_dir or default_run_dir())
+    prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    with RunLock(run_dir):
+        return _train_locked(config, run_dir, resume, show_progress, torch, SFTConfig, SFTTrainer)
+
+
+def _train_locked(config, run_dir, resume, show_progress, torch, SFTConfig, SFTTrainer) -> Path:
+    started = time.time()
+    source = resolve_source(config.model.name)
+    model_dir = resolve_model_dir(config.model.name, config.model.revision)
+    tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
+    train_rows, train_info = load_tokenized(config.data.train, tokenizer, config, "train")
+    eval_rows, eval_info = (None, None)
+    if config.data.eval:
+        eval_rows, eval_info = load_tokenized(config.data.eval, tokenizer, config, "eval")
+
+    device = best_device()
+    precision = resolve_precision(config.train.precision, device)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    run_info: dict[str, Any] = {
+        "status": "running",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "base_model": {"name": config.model.name, "kind": source.kind, "dir": str(model_dir)},
+        "data": {"train": train_info, "eval": eval_info},
+        "device": device,
+        "precision": precision,
+        "versions": library_versions(),
+    }
+    write_json(run_dir / RUN_FILE, run_info)
+    if not resume:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    torch.manual_seed(config.train.seed)
+    model = load_model(config.model, model_dir, device)
+    t = config.train
+    eval_strategy = "no"
+    if eval_rows:
+        eval_strategy = "steps" if t.eval_steps else "epoch"
+    args = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accumulation,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        data_seed=t.seed,
+        activation_checkpointing=t.gradient_checkpointing,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps,
+        report_to="none",
+        disable_tqdm=True,
+        max_length=None,  # rows are already truncated by lorafit.data.tokenize
+        padding_free=t.padding_free,
+        dataloader_num_workers=0,
+        optim="adamw_torch",
+    )
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=_to_hf_dataset(train_rows),
+        eval_dataset=_to_hf_dataset(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(config.lora),
+        callbacks=_callbacks(run_dir, show_progress),
+    )
+    peft_model = trainer.model
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    resume_from = resume and any((run_dir / "checkpoints").glob("checkpoint-*"))
+    result = trainer.train(resume_from_checkpoint=True if resume_from else None)
+    nonfinite = getattr(trainer.state, "lorafit_nonfinite", None)
+    if nonfinite:
+        run_info.update(status="failed", error=nonfinite)
+        write_json(run_dir / RUN_FILE, run_info)
+        raise LorafitError(
+            f"training stopped: {nonfinite}. Lower train.lr (now {t.lr:g}); the last good "
+            f"checkpoint is kept in {run_dir / 'checkpoints'}"
+        )
+
+    tmp = run_dir / f".{ADAPTER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
+    tmp.rename(run_dir / ADAPTER_DIR)
+
+    history = trainer.state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    elapsed = time.time() - started
+    train_runtime = result.metrics.get("train_runtime", elapsed)
+    run_info.update(
+        status="completed",
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        lora={"trainable_params": trainable, "total_params": total},
+        results={
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "first_loss": train_losses[0] if train_losses else None,
+            "final_loss": train_losses[-1] if train_losses else None,
+            "final_eval_loss": eval_losses[-1] if eval_losses else None,
+            "train_runtime_s": train_runtime,
+            "wall_s": elapsed,
+            "answer_tokens_per_s": train_info["answer_tokens"] * (trainer.state.epoch or 1)
+            / max(train_runtime, 1e-9),
+            "tokens_per_s": train_info["tokens"] * (trainer.state.epoch or 1)
+            / max(train_runtime, 1e-9),
+        },
+    )
+    write_json(run_dir / RUN_FILE, run_info)
+    plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    return run_dir
