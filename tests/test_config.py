@@ -36,8 +36,14 @@ def test_precedence_defaults_yaml_set_flags(tmp_path):
 
 
 def test_set_parses_values_like_yaml():
-    cfg = load_config(None, ["train.max_steps=20", "lora.target_modules=[q_proj, v_proj]",
-                             "train.gradient_checkpointing=true"])
+    cfg = load_config(
+        None,
+        [
+            "train.max_steps=20",
+            "lora.target_modules=[q_proj, v_proj]",
+            "train.gradient_checkpointing=true",
+        ],
+    )
     assert cfg.train.max_steps == 20
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.train.gradient_checkpointing is True

@@ -4,8 +4,10 @@ import pytest
 
 from lorafit.evaluate import judge, rouge_l
 
-REF = ("ATP stands for Available to Promise. Stock on hand minus overdue orders; "
-       "the quantity that can still be committed to customers.")
+REF = (
+    "ATP stands for Available to Promise. Stock on hand minus overdue orders; "
+    "the quantity that can still be committed to customers."
+)
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,16 @@ from lorafit.errors import LorafitError
     [
         ({"prompt": "Q?", "response": "A."}, "prompt/response"),
         ({"prompt": "Q?", "completion": "A."}, "prompt/completion"),
-        ({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"},
-                       {"role": "assistant", "content": "A."}]}, "messages"),
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": "S"},
+                    {"role": "user", "content": "Q?"},
+                    {"role": "assistant", "content": "A."},
+                ]
+            },
+            "messages",
+        ),
         ({"instruction": "Q?", "input": "ctx", "output": "A."}, "alpaca"),
     ],
 )
@@ -31,15 +39,21 @@ def test_alpaca_json_array_and_multi_turn(tmp_path):
     f = tmp_path / "a.json"
     f.write_text(json.dumps([{"instruction": "Q?", "output": "A."}]))
     assert read_dataset(f).format == "alpaca"
-    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-             {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Q?"},
+        {"role": "assistant", "content": "A."},
+    ]
     ex = read_dataset(write_jsonl(tmp_path / "m.jsonl", [{"messages": turns}])).examples[0]
     assert len(ex.prompt) == 3 and ex.answer == "A."  # loss on the last answer only
 
 
 def test_crlf_is_fine_and_duplicates_and_extra_fields_warn(tmp_path):
     f = tmp_path / "d.jsonl"
-    f.write_bytes(b'{"prompt": "Q?", "response": "A.", "id": 1}\r\n{"prompt": "Q?", "response": "A."}\r\n')
+    f.write_bytes(
+        b'{"prompt": "Q?", "response": "A.", "id": 1}\r\n{"prompt": "Q?", "response": "A."}\r\n'
+    )
     ds = read_dataset(f)
     assert len(ds.examples) == 2 and ds.duplicates == 1
     assert any("duplicate" in w for w in ds.warnings)
@@ -47,27 +61,53 @@ def test_crlf_is_fine_and_duplicates_and_extra_fields_warn(tmp_path):
 
 
 BAD = {
-    "invalid_json_mid_file": (b'{"prompt": "a", "response": "b"}\n{"prompt": "a" "response"}\n'
-                              b'{"prompt": "c", "response": "d"}\n', ["bad.jsonl:2", "invalid JSON"]),
-    "truncated_last_line": (b'{"prompt": "a", "response": "b"}\n{"prompt": "c", "resp',
-                            ["bad.jsonl:2", "cut off"]),
-    "missing_field": (b'{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', ["bad.jsonl:2", "unknown format"]),
-    "empty_response": (b'{"prompt": "a", "response": "  "}\n', ["bad.jsonl:1", "'response'", "empty"]),
+    "invalid_json_mid_file": (
+        b'{"prompt": "a", "response": "b"}\n{"prompt": "a" "response"}\n'
+        b'{"prompt": "c", "response": "d"}\n',
+        ["bad.jsonl:2", "invalid JSON"],
+    ),
+    "truncated_last_line": (
+        b'{"prompt": "a", "response": "b"}\n{"prompt": "c", "resp',
+        ["bad.jsonl:2", "cut off"],
+    ),
+    "missing_field": (
+        b'{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n',
+        ["bad.jsonl:2", "unknown format"],
+    ),
+    "empty_response": (
+        b'{"prompt": "a", "response": "  "}\n',
+        ["bad.jsonl:1", "'response'", "empty"],
+    ),
     "null_prompt": (b'{"prompt": null, "response": "b"}\n', ["bad.jsonl:1", "'prompt'", "null"]),
     "number_prompt": (b'{"prompt": 42, "response": "b"}\n', ["bad.jsonl:1", "'prompt'", "int"]),
-    "list_response": (b'{"prompt": "a", "response": ["b"]}\n', ["bad.jsonl:1", "'response'", "list"]),
-    "unknown_format": (b'{"question": "a", "answer": "b"}\n', ["bad.jsonl:1", "unknown format", "prompt+response"]),
-    "mixed_formats": (b'{"prompt": "a", "response": "b"}\n{"instruction": "a", "output": "b"}\n',
-                      ["bad.jsonl:2", "mixed formats", "bad.jsonl:1"]),
+    "list_response": (
+        b'{"prompt": "a", "response": ["b"]}\n',
+        ["bad.jsonl:1", "'response'", "list"],
+    ),
+    "unknown_format": (
+        b'{"question": "a", "answer": "b"}\n',
+        ["bad.jsonl:1", "unknown format", "prompt+response"],
+    ),
+    "mixed_formats": (
+        b'{"prompt": "a", "response": "b"}\n{"instruction": "a", "output": "b"}\n',
+        ["bad.jsonl:2", "mixed formats", "bad.jsonl:1"],
+    ),
     "empty_file": (b"", ["bad.jsonl", "empty"]),
     "blank_lines_only": (b"\n\n  \n", ["bad.jsonl", "empty"]),
-    "non_utf8": (b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n',
-                 ["bad.jsonl:2", "not UTF-8"]),
+    "non_utf8": (
+        b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n',
+        ["bad.jsonl:2", "not UTF-8"],
+    ),
     "bom": (b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\n', ["bad.jsonl:1", "byte-order mark"]),
     "not_an_object": (b'["a", "b"]\n', ["bad.jsonl", "JSON object"]),
-    "bad_role": (b'{"messages": [{"role": "bot", "content": "x"}]}\n', ["bad.jsonl:1", "messages[0]", "'role'"]),
-    "last_turn_not_assistant": (b'{"messages": [{"role": "user", "content": "x"}]}\n',
-                                ["bad.jsonl:1", "assistant"]),
+    "bad_role": (
+        b'{"messages": [{"role": "bot", "content": "x"}]}\n',
+        ["bad.jsonl:1", "messages[0]", "'role'"],
+    ),
+    "last_turn_not_assistant": (
+        b'{"messages": [{"role": "user", "content": "x"}]}\n',
+        ["bad.jsonl:1", "assistant"],
+    ),
 }
 
 
@@ -82,7 +122,9 @@ def test_bad_input_is_refused_with_file_line_field(tmp_path, name):
         assert part in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("name", ["invalid_json_mid_file", "bom", "mixed_formats", "empty_file", "non_utf8"])
+@pytest.mark.parametrize(
+    "name", ["invalid_json_mid_file", "bom", "mixed_formats", "empty_file", "non_utf8"]
+)
 def test_data_check_cli_exits_nonzero_and_writes_nothing(tmp_path, name):
     content, expected = BAD[name]
     f = tmp_path / "bad.jsonl"

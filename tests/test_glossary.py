@@ -34,8 +34,10 @@ def test_json_and_csv_glossaries(tmp_path):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("terms:\n  - term: A\n    definition: x\n  - term: a\n    definition: y\n",
-         ["g.yaml:4", "defined twice", "g.yaml:2"]),
+        (
+            "terms:\n  - term: A\n    definition: x\n  - term: a\n    definition: y\n",
+            ["g.yaml:4", "defined twice", "g.yaml:2"],
+        ),
         ("terms:\n  - term: A\n    definition: x\n  - term: B\n", ["g.yaml:4", "'definition'"]),
         ("terms:\n  - term: A\n    definition: ''\n", ["g.yaml:2", "'definition'"]),
         ("terms:\n  - term: [1]\n    definition: x\n", ["g.yaml:2", "'term' must be text"]),

@@ -89,7 +89,9 @@ def data_check(
     files: Annotated[list[Path], typer.Argument(help="Data files (JSONL / JSON).")],
     model: Annotated[str | None, typer.Option(help="Model whose tokenizer counts tokens.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Length limit to check against.")] = None,
-    config: Annotated[Path | None, typer.Option(help="Take model/max_length from a config.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Take model/max_length from a config.")
+    ] = None,
 ) -> None:
     """Validate data files and print stats (rows, token lengths, duplicates, over-length rows)."""
     from lorafit.data.check import check_files
@@ -97,11 +99,24 @@ def data_check(
     cfg = _config(config, None, {"model.name": model, "data.max_length": max_length})
     reports = check_files(files, cfg.model.name, cfg.data.max_length)
     table = Table(title="data check")
-    for col in ("file", "format", "rows", "tokens min/mean/max", "duplicates", f"> {cfg.data.max_length} tok"):
+    for col in (
+        "file",
+        "format",
+        "rows",
+        "tokens min/mean/max",
+        "duplicates",
+        f"> {cfg.data.max_length} tok",
+    ):
         table.add_column(col)
     for r in reports:
-        table.add_row(r.path, r.format, str(r.rows), f"{r.min_tokens}/{r.mean_tokens:.0f}/{r.max_tokens}",
-                      str(r.duplicates), str(r.over_length))
+        table.add_row(
+            r.path,
+            r.format,
+            str(r.rows),
+            f"{r.min_tokens}/{r.mean_tokens:.0f}/{r.max_tokens}",
+            str(r.duplicates),
+            str(r.over_length),
+        )
     console.print(table)
     for r in reports:
         for w in r.warnings:
@@ -111,9 +126,15 @@ def data_check(
 @app.command()
 def train(
     config: ConfigArg = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Training file (sets data.train).")] = None,
-    eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Held-out file (data.eval).")] = None,
-    output: Annotated[Path | None, typer.Option("--output", help="Run directory (output_dir).")] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Training file (sets data.train).")
+    ] = None,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help="Held-out file (data.eval).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Run directory (output_dir).")
+    ] = None,
     sets: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
@@ -121,20 +142,28 @@ def train(
     """Train a LoRA adapter (TRL SFTTrainer + PEFT) into a self-describing run directory."""
     from lorafit.train import train as run_train
 
-    cfg = _config(config, sets, {
-        "data.train": str(data) if data else None,
-        "data.eval": str(eval_data) if eval_data else None,
-        "output_dir": str(output) if output else None,
-    })
+    cfg = _config(
+        config,
+        sets,
+        {
+            "data.train": str(data) if data else None,
+            "data.eval": str(eval_data) if eval_data else None,
+            "output_dir": str(output) if output else None,
+        },
+    )
     run_dir = run_train(cfg, overwrite=overwrite, resume=resume)
-    console.print(f"[green]done[/]: adapter and metrics in [bold]{run_dir}[/] (loss curve: {run_dir / 'loss.png'})")
+    console.print(
+        f"[green]done[/]: adapter and metrics in [bold]{run_dir}[/] (loss curve: {run_dir / 'loss.png'})"
+    )
 
 
 @app.command("eval")
 def eval_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A training run directory.")],
     data: Annotated[Path, typer.Option("--data", help="Held-out prompts with reference answers.")],
-    output: Annotated[Path | None, typer.Option("--output", help="Where to write (default RUN_DIR/eval).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Where to write (default RUN_DIR/eval).")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length bound.")] = 96,
     batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 16,
@@ -151,7 +180,12 @@ def _print_metrics(m: dict) -> None:
     for col in ("model", "accuracy", "ROUGE-L", "stops by itself"):
         table.add_column(col)
     for name in ("base", "tuned"):
-        table.add_row(name, f"{m[name]['accuracy']:.1%}", f"{m[name]['rouge_l']:.3f}", f"{m[name]['stop_rate']:.1%}")
+        table.add_row(
+            name,
+            f"{m[name]['accuracy']:.1%}",
+            f"{m[name]['rouge_l']:.3f}",
+            f"{m[name]['stop_rate']:.1%}",
+        )
     console.print(table)
     console.print(f"written to {m['output']}")
 
@@ -166,11 +200,15 @@ def merge(
     from lorafit.merge import merge as run_merge
 
     r = run_merge(run_dir, output, overwrite)
-    console.print(f"[green]merged[/] into {r['output']}; parity: max |logit diff| "
-                  f"{r['max_abs_logit_diff']:.2e} <= {r['tolerance']:.0e}")
+    console.print(
+        f"[green]merged[/] into {r['output']}; parity: max |logit diff| "
+        f"{r['max_abs_logit_diff']:.2e} <= {r['tolerance']:.0e}"
+    )
 
 
-ModelArg = Annotated[str, typer.Argument(help="A run dir, merged dir, .gguf, embedded:..., or Hub id.")]
+ModelArg = Annotated[
+    str, typer.Argument(help="A run dir, merged dir, .gguf, embedded:..., or Hub id.")
+]
 
 
 @app.command()
@@ -210,13 +248,17 @@ def chat(
         if not question:
             continue
         console.print("[bold green]model> [/]", end="")
-        answer = stream_answer(loaded, chat_prompt(question, loaded.system_prompt, history), max_new_tokens)
+        answer = stream_answer(
+            loaded, chat_prompt(question, loaded.system_prompt, history), max_new_tokens
+        )
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
 @app.command()
 def demo(
-    output: Annotated[Path | None, typer.Option("--output", help="Demo directory (default runs/demo-<time>).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Demo directory (default runs/demo-<time>).")
+    ] = None,
     config: Annotated[Path, typer.Option(help="Config to train with.")] = Path("configs/demo.yaml"),
     sets: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing demo directory.")] = False,
@@ -234,12 +276,15 @@ def demo(
     for col in ("question", "base", "tuned"):
         table.add_column(col, overflow="fold")
     for s in result.samples:
-        table.add_row(s["prompt"], ("✅ " if s["base_correct"] else "❌ ") + s["base"][:160],
-                      ("✅ " if s["tuned_correct"] else "❌ ") + s["tuned"][:160])
+        table.add_row(
+            s["prompt"],
+            ("✅ " if s["base_correct"] else "❌ ") + s["base"][:160],
+            ("✅ " if s["tuned_correct"] else "❌ ") + s["tuned"][:160],
+        )
     console.print(table)
     _print_metrics(result.metrics)
     console.print(f"run: {result.run_dir}  merged model: {result.merged_dir}")
-    console.print(f"try it: [bold]lorafit ask {result.merged_dir} \"What is ATP?\"[/]")
+    console.print(f'try it: [bold]lorafit ask {result.merged_dir} "What is ATP?"[/]')
 
 
 @app.command()

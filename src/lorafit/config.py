@@ -37,8 +37,9 @@ class ModelSection(_Section):
         "none", description="bitsandbytes quantization of the frozen base (QLoRA: 4bit = NF4)."
     )
     device_map: str | None = Field(
-        None, description="None = one device (CUDA if present, else CPU); 'auto' lets "
-        "accelerate spread layers over GPU and CPU."
+        None,
+        description="None = one device (CUDA if present, else CPU); 'auto' lets "
+        "accelerate spread layers over GPU and CPU.",
     )
     gpu_memory: str | None = Field(
         None, description="GPU budget for device_map=auto offloading, e.g. '3.5GiB'."
@@ -54,8 +55,9 @@ class LoraSection(_Section):
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Modules that get adapters; 'all-linear' = every linear "
-        "layer except the LM head (measured: far better than q/v only)."
+        "all-linear",
+        description="Modules that get adapters; 'all-linear' = every linear "
+        "layer except the LM head (measured: far better than q/v only).",
     )
 
 
@@ -67,15 +69,18 @@ class DataSection(_Section):
     eval: str | None = Field(None, description="Held-out evaluation file.")
     max_length: int = Field(256, gt=8, description="Examples longer than this are truncated.")
     system_prompt: str | None = Field(
-        None, description="System turn added to every example; None keeps the chat "
-        "template's own default (the same one used when you chat with the model)."
+        None,
+        description="System turn added to every example; None keeps the chat "
+        "template's own default (the same one used when you chat with the model).",
     )
     seed: int = Field(0, description="Seed for data generation (phrasing choice, ordering).")
 
 
 class TrainSection(_Section):
     epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = use epochs).")
+    max_steps: int = Field(
+        -1, description="Stop after this many optimizer steps (-1 = use epochs)."
+    )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (LoRA tolerates high rates).")
     batch_size: int = Field(8, gt=0, description="Examples per forward pass (per device).")
     grad_accumulation: int = Field(2, gt=0, description="Micro-batches per optimizer step.")
@@ -87,12 +92,14 @@ class TrainSection(_Section):
         False, description="Recompute activations in backward: less memory, ~30% slower."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto = bf16 autocast where the hardware has it, else fp32 "
-        "(fp16 on older GPUs)."
+        "auto",
+        description="auto = bf16 autocast where the hardware has it, else fp32 "
+        "(fp16 on older GPUs).",
     )
     padding_free: bool = Field(
-        True, description="Pack each batch into one row with position ids instead of padding: "
-        "no compute wasted on pad tokens; examples still cannot attend to each other."
+        True,
+        description="Pack each batch into one row with position ids instead of padding: "
+        "no compute wasted on pad tokens; examples still cannot attend to each other.",
     )
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
@@ -120,9 +127,7 @@ class Config(_Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     tracking: TrackingSection = TrackingSection()
-    output_dir: str | None = Field(
-        None, description="Run directory (default: runs/<timestamp>)."
-    )
+    output_dir: str | None = Field(None, description="Run directory (default: runs/<timestamp>).")
 
 
 def _parse_value(raw: str) -> Any:

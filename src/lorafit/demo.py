@@ -38,17 +38,28 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         raise LorafitError("the demo config needs data.glossary (a glossary file)")
     glossary = load_glossary(config.data.glossary)
     data_dir = output / "data"
-    train_path, eval_path, n_train, n_eval = write_generated(glossary, data_dir, seed=config.data.seed)
-    say(f"[bold]1/4 data[/]: {len(glossary.terms)} terms -> {n_train} train / {n_eval} held-out "
-        f"prompts in {data_dir}")
+    train_path, eval_path, n_train, n_eval = write_generated(
+        glossary, data_dir, seed=config.data.seed
+    )
+    say(
+        f"[bold]1/4 data[/]: {len(glossary.terms)} terms -> {n_train} train / {n_eval} held-out "
+        f"prompts in {data_dir}"
+    )
     config.data.train, config.data.eval = str(train_path), str(eval_path)
     config.output_dir = str(output / "run")
-    say(f"[bold]2/4 train[/]: {config.model.name}, LoRA r={config.lora.r}, "
-        f"{config.train.epochs:g} epochs, lr {config.train.lr:g}")
+    say(
+        f"[bold]2/4 train[/]: {config.model.name}, LoRA r={config.lora.r}, "
+        f"{config.train.epochs:g} epochs, lr {config.train.lr:g}"
+    )
     run_dir = train(config, overwrite=overwrite)
     say(f"[bold]3/4 eval[/]: base vs tuned on {n_eval} held-out phrasings")
-    metrics = evaluate(run_dir, eval_path, max_new_tokens=config.eval.max_new_tokens,
-                       batch_size=config.eval.batch_size, limit=config.eval.limit)
+    metrics = evaluate(
+        run_dir,
+        eval_path,
+        max_new_tokens=config.eval.max_new_tokens,
+        batch_size=config.eval.batch_size,
+        limit=config.eval.limit,
+    )
     say("[bold]4/4 merge[/]")
     merged_dir = output / "merged"
     merge_report = merge(run_dir, merged_dir, overwrite=overwrite)

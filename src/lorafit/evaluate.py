@@ -28,7 +28,7 @@ STOP_WORDS = frozenset(
     may might must shall should will would do does did done has have had not no nor but if
     into onto out over under up down about after before between both each few more most other
     some any all only own same too very just also there their them they we you your our us
-    he she his her him i me my one two per via used use uses using""".split()
+    he she his her him i me my one two per via used use uses using""".split()  # noqa: SIM905
 )
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 
@@ -79,15 +79,26 @@ def score(rows: list[dict], key: str) -> dict[str, float]:
 
 
 def _report_md(metrics: dict, rows: list[dict], limit: int = 30) -> str:
-    lines = ["# lorafit evaluation", "", f"{metrics['n']} held-out prompts.", "",
-             "| model | accuracy | ROUGE-L | stops by itself |", "|---|---|---|---|"]
+    lines = [
+        "# lorafit evaluation",
+        "",
+        f"{metrics['n']} held-out prompts.",
+        "",
+        "| model | accuracy | ROUGE-L | stops by itself |",
+        "|---|---|---|---|",
+    ]
     for name in ("base", "tuned"):
         m = metrics[name]
         lines.append(
             f"| {name} | {m['accuracy']:.1%} | {m['rouge_l']:.3f} | {m['stop_rate']:.1%} |"
         )
-    lines += ["", f"## Answers (first {min(limit, len(rows))})", "",
-              "| prompt | base | tuned | reference |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Answers (first {min(limit, len(rows))})",
+        "",
+        "| prompt | base | tuned | reference |",
+        "|---|---|---|---|",
+    ]
 
     def cell(text: str, ok: bool | None = None) -> str:
         mark = "" if ok is None else ("✅ " if ok else "❌ ")
@@ -121,19 +132,32 @@ def evaluate(
 
     prompts = [with_system(e, loaded.system_prompt) for e in examples]
     with loaded.model.disable_adapter():
-        base = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress)
+        base = generate(
+            loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress
+        )
     tuned = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress)
     rows = []
     for e, (b, b_stop), (t, t_stop) in zip(examples, base, tuned, strict=True):
         question = e.prompt[-1]["content"]
-        rows.append({
-            "prompt": question, "reference": e.answer, "base": b, "tuned": t,
-            "base_stopped": b_stop, "tuned_stopped": t_stop,
-            "base_correct": judge(question, e.answer, b),
-            "tuned_correct": judge(question, e.answer, t),
-        })
-    metrics = {"base": score(rows, "base"), "tuned": score(rows, "tuned"), "n": len(rows),
-               "data": str(data), "judge": f"key-word recall >= {KEY_RECALL}"}
+        rows.append(
+            {
+                "prompt": question,
+                "reference": e.answer,
+                "base": b,
+                "tuned": t,
+                "base_stopped": b_stop,
+                "tuned_stopped": t_stop,
+                "base_correct": judge(question, e.answer, b),
+                "tuned_correct": judge(question, e.answer, t),
+            }
+        )
+    metrics = {
+        "base": score(rows, "base"),
+        "tuned": score(rows, "tuned"),
+        "n": len(rows),
+        "data": str(data),
+        "judge": f"key-word recall >= {KEY_RECALL}",
+    }
     out = Path(output) if output else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     with (out / ".predictions.jsonl.tmp").open("w") as f:

@@ -1,6 +1,6 @@
 """Load a model for answering (run dir, merged dir, or any model source) and generate.
 
-    lorafit ask runs/demo "What is ATP?"
+lorafit ask runs/demo "What is ATP?"
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ def run_settings(run_dir: Path) -> tuple[str, str | None]:
     import yaml
 
     info = read_json(run_dir / RUN_FILE)
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    cfg = (
+        yaml.safe_load((run_dir / "config.yaml").read_text())
+        if (run_dir / "config.yaml").is_file()
+        else {}
+    )
     return info["base_model"]["name"], (cfg.get("data") or {}).get("system_prompt")
 
 
@@ -126,7 +130,11 @@ def stream_answer(loaded: Loaded, messages: list[dict[str, str]], max_new_tokens
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
         out = loaded.model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            streamer=streamer,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
         )
     return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -32,7 +32,9 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torc
     labels = inputs["labels"]
     lm = _causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
-    kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    kwargs = {
+        k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")
+    }
     hidden = backbone(**kwargs, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     mask = targets != IGNORE

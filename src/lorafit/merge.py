@@ -68,8 +68,11 @@ def merge(run_dir: str | Path, output: str | Path, overwrite: bool = False) -> d
         got = _logits(reloaded, tokenizer, system_prompt)
         diff = max(float((a - b).abs().max()) for a, b in zip(expected, got, strict=True))
         report = {
-            "run": str(run_dir), "base_model": base_name,
-            "max_abs_logit_diff": diff, "tolerance": TOLERANCE, "parity_ok": diff <= TOLERANCE,
+            "run": str(run_dir),
+            "base_model": base_name,
+            "max_abs_logit_diff": diff,
+            "tolerance": TOLERANCE,
+            "parity_ok": diff <= TOLERANCE,
             "prompts": list(PARITY_PROMPTS),
         }
         write_json(tmp / "lorafit_merge.json", report)

