@@ -140,3 +140,14 @@ def test_data_check_cli_exits_nonzero_and_writes_nothing(tmp_path, name):
 def test_missing_file(tmp_path):
     with pytest.raises(LorafitError, match="not found"):
         read_dataset(tmp_path / "nope.jsonl")
+
+
+def test_data_check_reports_stats_and_warnings(tmp_path, embedded_dir):
+    rows = [{"prompt": "What is ATP?", "response": "Available to Promise."}] * 2
+    rows.append({"prompt": "Long?", "response": "word " * 300})
+    f = write_jsonl(tmp_path / "ok.jsonl", rows)
+    r = run_cli("data", "check", str(f), "--max-length", "128", env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "prompt/response" in out and "1 duplicate row" in out
+    assert "1 row(s) longer than 128 tokens" in out

@@ -283,6 +283,17 @@ def demo(
         )
     console.print(table)
     _print_metrics(result.metrics)
+    if result.seed_questions:
+        right = sum(q["correct"] for q in result.seed_questions)
+        seed_table = Table(
+            title=f"the seed's test questions: {right}/{len(result.seed_questions)} right"
+        )
+        seed_table.add_column("question")
+        seed_table.add_column("tuned answer", overflow="fold")
+        for q in result.seed_questions:
+            seed_table.add_row(q["prompt"], ("✅ " if q["correct"] else "❌ ") + q["answer"][:200])
+        console.print(seed_table)
+    console.print(f"report: {Path(result.metrics['output']) / 'report.md'}")
     console.print(f"run: {result.run_dir}  merged model: {result.merged_dir}")
     console.print(f'try it: [bold]lorafit ask {result.merged_dir} "What is ATP?"[/]')
 

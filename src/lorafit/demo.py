@@ -7,6 +7,7 @@ generate data -> train (configs/demo.yaml) -> evaluate base vs tuned -> merge ->
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,17 @@ from lorafit.config import Config
 from lorafit.data.generate import write_generated
 from lorafit.data.glossary import load_glossary
 from lorafit.errors import LorafitError
+from lorafit.rundir import write_json
+
+# The seed project's own test questions, and the glossary term each one asks about.
+SEED_QUESTIONS = (
+    ("What is EEC?", "EEC"),
+    ("Explain what is APU.", "APU"),
+    ("What can I see in MM03?", "MM03"),
+    ("What is AHEAD?", "AHEAD"),
+    ("What is EPEP?", "EPEP"),
+    ("What is BER?", "BER"),
+)
 
 
 @dataclass
@@ -23,6 +35,36 @@ class DemoResult:
     metrics: dict
     merge: dict
     samples: list[dict]
+    seed_questions: list[dict]
+
+
+def ask_seed_questions(model_dir: Path, glossary, max_new_tokens: int = 96) -> list[dict]:
+    """Ask the seed's questions whose term is in ``glossary``; judge against its answer."""
+    from lorafit.data.generate import answer_for
+    from lorafit.evaluate import judge
+    from lorafit.inference import chat_prompt, generate, load_for_inference
+
+    terms = {t.term: t for t in glossary.terms}
+    asked = [(q, terms[t]) for q, t in SEED_QUESTIONS if t in terms]
+    if not asked:
+        return []
+    loaded = load_for_inference(model_dir)
+    answers = generate(
+        loaded.model,
+        loaded.tokenizer,
+        [chat_prompt(q, loaded.system_prompt) for q, _ in asked],
+        max_new_tokens,
+    )
+    return [
+        {
+            "prompt": q,
+            "reference": answer_for(t),
+            "answer": a,
+            "stopped": stopped,
+            "correct": judge(q, answer_for(t), a),
+        }
+        for (q, t), (a, stopped) in zip(asked, answers, strict=True)
+    ]
 
 
 def run_demo(config: Config, output: Path, overwrite: bool = False, console=None) -> DemoResult:
@@ -63,10 +105,9 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
     say("[bold]4/4 merge[/]")
     merged_dir = output / "merged"
     merge_report = merge(run_dir, merged_dir, overwrite=overwrite)
-    samples = []
     pred_file = Path(metrics["output"]) / "predictions.jsonl"
-    import json
-
     rows = [json.loads(line) for line in pred_file.read_text().splitlines()]
     samples = rows[:: max(1, len(rows) // 6)][:6]
-    return DemoResult(run_dir, merged_dir, metrics, merge_report, samples)
+    seed = ask_seed_questions(merged_dir, glossary, config.eval.max_new_tokens)
+    write_json(output / "seed_questions.json", seed)
+    return DemoResult(run_dir, merged_dir, metrics, merge_report, samples, seed)
