@@ -165,8 +165,8 @@ def eval_cmd(
         Path | None, typer.Option("--output", help="Where to write (default RUN_DIR/eval).")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer length bound.")] = 96,
-    batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length bound.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 48,
 ) -> None:
     """Answer every prompt with the base and the tuned model; write predictions, metrics, report."""
     from lorafit.evaluate import evaluate

@@ -103,6 +103,9 @@ class TrainSection(_Section):
     )
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
+    eval_loss_rows: int = Field(
+        64, gt=0, description="Held-out rows used for the eval-loss curve during training."
+    )
     eval_steps: int | None = Field(
         None, description="Evaluate loss every N steps (None = once per epoch)."
     )
@@ -115,8 +118,8 @@ class TrackingSection(_Section):
 
 
 class EvalSection(_Section):
-    max_new_tokens: int = Field(96, gt=0, description="Answer length bound for eval/ask.")
-    batch_size: int = Field(16, gt=0, description="Prompts generated together.")
+    max_new_tokens: int = Field(64, gt=0, description="Answer length bound for eval.")
+    batch_size: int = Field(48, gt=0, description="Prompts generated together (greedy).")
     limit: int | None = Field(None, description="Evaluate only the first N prompts.")
 
 

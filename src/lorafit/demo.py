@@ -38,7 +38,7 @@ class DemoResult:
     seed_questions: list[dict]
 
 
-def ask_seed_questions(model_dir: Path, glossary, max_new_tokens: int = 96) -> list[dict]:
+def ask_seed_questions(model_dir: Path, glossary, max_new_tokens: int = 64) -> list[dict]:
     """Ask the seed's questions whose term is in ``glossary``; judge against its answer."""
     from lorafit.data.generate import answer_for
     from lorafit.evaluate import judge

@@ -116,8 +116,8 @@ def evaluate(
     run_dir: str | Path,
     data: str | Path,
     output: str | Path | None = None,
-    max_new_tokens: int = 96,
-    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    batch_size: int = 48,
     limit: int | None = None,
     progress=None,
 ) -> dict:

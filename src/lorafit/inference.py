@@ -70,8 +70,8 @@ def generate(
     model,
     tokenizer,
     prompts: list[list[dict[str, str]]],
-    max_new_tokens: int = 96,
-    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    batch_size: int = 48,
     progress=None,
 ) -> list[tuple[str, bool]]:
     """Greedy answers for chat prompts: [(text, stopped_by_itself)], in input order.

@@ -238,6 +238,8 @@ def _train_locked(config, run_dir, resume, show_progress, torch, SFTConfig, SFTT
     eval_rows, eval_info = (None, None)
     if config.data.eval:
         eval_rows, eval_info = load_tokenized(config.data.eval, tokenizer, config, "eval")
+        # the eval-loss curve needs a sample, not every row (generation eval uses them all)
+        eval_rows = eval_rows[: config.train.eval_loss_rows]
 
     device = best_device()
     precision = resolve_precision(config.train.precision, device)
@@ -299,6 +301,9 @@ def _train_locked(config, run_dir, resume, show_progress, torch, SFTConfig, SFTT
         peft_config=lora_config(config.lora),
         callbacks=_callbacks(run_dir, show_progress),
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our progress bar and metrics.jsonl replace it
     peft_model = trainer.model
     trainable, total = peft_model.get_nb_trainable_parameters()
     resume_from = resume and any((run_dir / "checkpoints").glob("checkpoint-*"))
