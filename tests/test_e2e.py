@@ -69,3 +69,16 @@ def test_merge_parity_and_ask(pipeline):
     assert "bitterness" in r.stdout.lower()
     r = run_cli("ask", str(pipeline / "run"), "What is wort?", "--max-new-tokens", "48")
     assert r.returncode == 0 and "mash" in r.stdout.lower()
+
+
+def test_chat_keeps_the_conversation_and_exits(pipeline):
+    r = run_cli(
+        "chat",
+        str(pipeline / "run"),
+        "--max-new-tokens",
+        "48",
+        stdin="What is wort?\nAnd what does OG stand for?\n/exit\n",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout.lower()
+    assert "mash" in out and "original gravity" in out

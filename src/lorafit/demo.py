@@ -7,6 +7,7 @@ generate data -> train (configs/demo.yaml) -> evaluate base vs tuned -> merge ->
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,7 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         f"{config.train.epochs:g} epochs, lr {config.train.lr:g}"
     )
     run_dir = train(config, overwrite=overwrite)
+    gc.collect()  # the trainer holds reference cycles; free its model before the next stage
     say(f"[bold]3/4 eval[/]: base vs tuned on {n_eval} held-out phrasings")
     metrics = evaluate(
         run_dir,
@@ -102,10 +104,12 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         batch_size=config.eval.batch_size,
         limit=config.eval.limit,
     )
+    gc.collect()
     say("[bold]4/4 merge[/]")
     merged_dir = output / "merged"
     merge_report = merge(run_dir, merged_dir, overwrite=overwrite)
     pred_file = Path(metrics["output"]) / "predictions.jsonl"
+    gc.collect()
     rows = [json.loads(line) for line in pred_file.read_text().splitlines()]
     samples = rows[:: max(1, len(rows) // 6)][:6]
     seed = ask_seed_questions(merged_dir, glossary, config.eval.max_new_tokens)

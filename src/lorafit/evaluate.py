@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from lorafit.data.formats import read_dataset
+from lorafit.data.tokenize import with_system
 from lorafit.errors import LorafitError
 from lorafit.inference import generate, load_for_inference
 from lorafit.rundir import write_json
@@ -128,8 +129,6 @@ def evaluate(
         raise LorafitError(f"{run_dir}: not a training run directory (no run.json/adapter)")
     dataset = read_dataset(data)
     examples = dataset.examples[:limit] if limit else dataset.examples
-    from lorafit.data.tokenize import with_system
-
     prompts = [with_system(e, loaded.system_prompt) for e in examples]
     with loaded.model.disable_adapter():
         base = generate(

@@ -218,18 +218,18 @@ def train(
     show_progress: bool = True,
 ) -> Path:
     """Train a LoRA adapter as ``config`` says; return the run directory."""
-    import torch
-    from trl import SFTConfig, SFTTrainer
-
     if not config.data.train:
         raise LorafitError("no training data: pass --data FILE or set data.train in the config")
     run_dir = Path(config.output_dir or default_run_dir())
     prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
     with RunLock(run_dir):
-        return _train_locked(config, run_dir, resume, show_progress, torch, SFTConfig, SFTTrainer)
+        return _train_locked(config, run_dir, resume, show_progress)
 
 
-def _train_locked(config, run_dir, resume, show_progress, torch, SFTConfig, SFTTrainer) -> Path:
+def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bool) -> Path:
+    import torch
+    from trl import SFTConfig
+
     started = time.time()
     source = resolve_source(config.model.name)
     model_dir = resolve_model_dir(config.model.name, config.model.revision)
