@@ -46,3 +46,25 @@ def test_rouge_l():
     assert rouge_l("a b c d", "a b c d") == pytest.approx(1.0)
     assert rouge_l("a b c d", "x y") == 0.0
     assert rouge_l("the cat sat on the mat", "the cat on the mat") == pytest.approx(2 * 5 / 11)
+
+
+def test_probe_judge_matches_whole_words():
+    from lorafit.evaluate import probe_correct
+
+    assert probe_correct("2 + 2 equals 4.", ["4", "four"])
+    assert probe_correct("The answer is Four", ["4", "four"])
+    assert not probe_correct("It is 42.", ["4", "four"])  # no partial-number match
+    assert probe_correct("Plants absorb carbon dioxide.", ["carbon dioxide", "CO2"])
+    assert not probe_correct("Create a product or a service.", ["4", "four"])
+
+
+def test_shipped_probe_set_is_valid_and_varied():
+    from collections import Counter
+
+    from lorafit.evaluate import DEFAULT_PROBES, read_probes
+
+    probes = read_probes(DEFAULT_PROBES)
+    assert 50 <= len(probes) <= 100
+    assert len({p["prompt"] for p in probes}) == len(probes)
+    assert len(Counter(p["category"] for p in probes)) >= 6
+    assert all(p["answers"] for p in probes)

@@ -130,6 +130,10 @@ def test_eval_writes_predictions_metrics_report(tiny_run, tmp_path):
     assert set(preds[0]) >= {"prompt", "reference", "base", "tuned"}
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 3
     assert "| base |" in (tmp_path / "ev" / "report.md").read_text()
+    # the general-ability probes run on both models by default
+    assert 0 <= m["base"]["general_accuracy"] <= 1 and 0 <= m["tuned"]["general_accuracy"] <= 1
+    assert isinstance(m["general_regressions"], list)
+    assert (tmp_path / "ev" / "probe_predictions.jsonl").is_file()
 
 
 def test_merge_is_standalone_and_matches(tiny_run, tmp_path):

@@ -167,26 +167,47 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length bound.")] = 64,
     batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 48,
+    no_probes: Annotated[
+        bool, typer.Option("--no-probes", help="Skip the general-ability probe set.")
+    ] = False,
 ) -> None:
-    """Answer every prompt with the base and the tuned model; write predictions, metrics, report."""
-    from lorafit.evaluate import evaluate
+    """Answer every prompt with the base and the tuned model; write predictions, metrics, report.
 
-    m = evaluate(run_dir, data, output, max_new_tokens, batch_size, limit)
+    Also runs the general-ability probes (data/probes/general.jsonl) on both models and
+    reports base/tuned general_accuracy and the probes that regressed.
+    """
+    from lorafit.evaluate import DEFAULT_PROBES, evaluate
+
+    m = evaluate(
+        run_dir,
+        data,
+        output,
+        max_new_tokens,
+        batch_size,
+        limit,
+        probes=None if no_probes else DEFAULT_PROBES,
+    )
     _print_metrics(m)
 
 
 def _print_metrics(m: dict) -> None:
     table = Table(title=f"held-out evaluation ({m['n']} prompts)")
-    for col in ("model", "accuracy", "ROUGE-L", "stops by itself"):
+    for col in ("model", "accuracy", "ROUGE-L", "stops by itself", "general ability"):
         table.add_column(col)
     for name in ("base", "tuned"):
+        general = m[name].get("general_accuracy")
         table.add_row(
             name,
             f"{m[name]['accuracy']:.1%}",
             f"{m[name]['rouge_l']:.3f}",
             f"{m[name]['stop_rate']:.1%}",
+            "not run" if general is None else f"{general:.1%}",
         )
     console.print(table)
+    if m.get("general_regressions"):
+        console.print(
+            f"[yellow]general-ability regressions:[/] {'; '.join(m['general_regressions'])}"
+        )
     console.print(f"written to {m['output']}")
 
 

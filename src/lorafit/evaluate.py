@@ -8,6 +8,12 @@ echoing the question earns nothing). An answer is correct when it contains at le
 them (KEY_RECALL). When the reference has no key words left, the answer must contain the
 whole reference. ``rouge_l`` is the ROUGE-L F1 (longest common subsequence of words).
 ``stop_rate`` is the share of answers that ended with the end-of-turn token by themselves.
+
+General ability (``general_accuracy``): the shipped probe set ``data/probes/general.jsonl``
+(arithmetic, geography, units, common sense, science, simple instructions) is answered by
+both models; a probe is right when one of its accepted answers appears as a whole word or
+phrase. Probes the base model got right and the tuned model got wrong are listed as
+regressions: the forgetting a fine-tune caused.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from pathlib import Path
 from lorafit.data.formats import read_dataset
 from lorafit.data.tokenize import with_system
 from lorafit.errors import LorafitError
-from lorafit.inference import generate, load_for_inference
+from lorafit.inference import chat_prompt, generate, load_for_inference
 from lorafit.rundir import write_json
 
 KEY_RECALL = 0.6
+DEFAULT_PROBES = Path(__file__).resolve().parents[2] / "data" / "probes" / "general.jsonl"
 STOP_WORDS = frozenset(
     """a an the and or of to in on for at by with from as is are was were be been being it its
     this that these those which who whom what when where why how than then so such can could
@@ -70,6 +77,52 @@ def rouge_l(reference: str, answer: str) -> float:
     return 2 * p * rec / (p + rec)
 
 
+def probe_correct(answer: str, accepted: list[str]) -> bool:
+    """Does ``answer`` contain one of the ``accepted`` answers as a whole word/phrase?"""
+    text = f" {' '.join(words(answer))} "
+    return any(f" {' '.join(words(a))} " in text for a in accepted if words(a))
+
+
+def read_probes(path: str | Path) -> list[dict]:
+    rows = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row.get("prompt"), str) or not isinstance(row.get("answers"), list):
+                raise LorafitError(f"{path}:{lineno}: a probe needs 'prompt' and 'answers' (list)")
+            rows.append(row)
+    return rows
+
+
+def run_probes(loaded, probes: list[dict], max_new_tokens: int, batch_size: int, progress=None):
+    """Answer the probes with base and tuned model: (rows, base accuracy, tuned accuracy)."""
+    prompts = [chat_prompt(p["prompt"], loaded.system_prompt) for p in probes]
+    with loaded.model.disable_adapter():
+        base = generate(
+            loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress
+        )
+    tuned = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress)
+    rows = []
+    for p, (b, _), (t, _) in zip(probes, base, tuned, strict=True):
+        rows.append(
+            {
+                "prompt": p["prompt"],
+                "accepted": p["answers"],
+                "category": p.get("category"),
+                "base": b,
+                "tuned": t,
+                "base_correct": probe_correct(b, p["answers"]),
+                "tuned_correct": probe_correct(t, p["answers"]),
+            }
+        )
+    n = max(len(rows), 1)
+    return (
+        rows,
+        sum(r["base_correct"] for r in rows) / n,
+        sum(r["tuned_correct"] for r in rows) / n,
+    )
+
+
 def score(rows: list[dict], key: str) -> dict[str, float]:
     n = max(len(rows), 1)
     return {
@@ -79,20 +132,29 @@ def score(rows: list[dict], key: str) -> dict[str, float]:
     }
 
 
-def _report_md(metrics: dict, rows: list[dict], limit: int = 30) -> str:
+def _report_md(metrics: dict, rows: list[dict], probe_rows: list[dict], limit: int = 30) -> str:
     lines = [
         "# lorafit evaluation",
         "",
         f"{metrics['n']} held-out prompts.",
         "",
-        "| model | accuracy | ROUGE-L | stops by itself |",
-        "|---|---|---|---|",
+        "| model | accuracy | ROUGE-L | stops by itself | general ability (probes) |",
+        "|---|---|---|---|---|",
     ]
     for name in ("base", "tuned"):
         m = metrics[name]
+        general = f"{m['general_accuracy']:.1%}" if "general_accuracy" in m else "not run"
         lines.append(
-            f"| {name} | {m['accuracy']:.1%} | {m['rouge_l']:.3f} | {m['stop_rate']:.1%} |"
+            f"| {name} | {m['accuracy']:.1%} | {m['rouge_l']:.3f} | {m['stop_rate']:.1%} "
+            f"| {general} |"
         )
+    if probe_rows:
+        regressed = [r for r in probe_rows if r["base_correct"] and not r["tuned_correct"]]
+        lines += ["", f"## General-ability regressions: {len(regressed)} of {len(probe_rows)}", ""]
+        lines += [
+            f"- {r['prompt']} — base: {r['base'][:80]!r}; tuned: {r['tuned'][:80]!r}"
+            for r in regressed
+        ] or ["None: every probe the base model answered right, the tuned model did too."]
     lines += [
         "",
         f"## Answers (first {min(limit, len(rows))})",
@@ -121,6 +183,7 @@ def evaluate(
     batch_size: int = 48,
     limit: int | None = None,
     progress=None,
+    probes: str | Path | None = DEFAULT_PROBES,
 ) -> dict:
     """Answer every prompt with the base and the tuned model; write predictions/metrics/report."""
     run_dir = Path(run_dir)
@@ -159,11 +222,26 @@ def evaluate(
     }
     out = Path(output) if output else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
+    probe_rows: list[dict] = []
+    if probes is not None and Path(probes).is_file():
+        probe_rows, base_general, tuned_general = run_probes(
+            loaded, read_probes(probes), max_new_tokens, batch_size, progress
+        )
+        metrics["base"]["general_accuracy"] = base_general
+        metrics["tuned"]["general_accuracy"] = tuned_general
+        metrics["general_regressions"] = [
+            r["prompt"] for r in probe_rows if r["base_correct"] and not r["tuned_correct"]
+        ]
+        metrics["probes"] = str(probes)
+        with (out / ".probe_predictions.jsonl.tmp").open("w") as f:
+            for r in probe_rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        (out / ".probe_predictions.jsonl.tmp").replace(out / "probe_predictions.jsonl")
     with (out / ".predictions.jsonl.tmp").open("w") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     (out / ".predictions.jsonl.tmp").replace(out / "predictions.jsonl")
     write_json(out / "metrics.json", metrics)
-    (out / "report.md").write_text(_report_md(metrics, rows))
+    (out / "report.md").write_text(_report_md(metrics, rows, probe_rows))
     metrics["output"] = str(out)
     return metrics

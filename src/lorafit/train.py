@@ -144,12 +144,12 @@ def _callbacks(run_dir: Path, show_progress: bool):
         """Per-step metrics to metrics.jsonl, tokens/s from TRL's token counter, NaN guard."""
 
         def __init__(self):
-            self.last = (time.perf_counter(), 0)
+            self.last = (time.perf_counter(), 0, 0)
             self.progress = None
             self.task = None
 
         def on_train_begin(self, args, state, control, **kw):
-            self.last = (time.perf_counter(), 0)
+            self.last = (time.perf_counter(), 0, 0)
             if show_progress:
                 from rich.progress import (
                     BarColumn,
@@ -183,10 +183,12 @@ def _callbacks(run_dir: Path, show_progress: bool):
             now = time.perf_counter()
             if "loss" in logs:
                 tokens = int(logs.get("num_tokens", 0))
-                t0, n0 = self.last
+                answers = int(logs.get("answer_tokens", 0))
+                t0, n0, a0 = self.last
                 if tokens > n0 and now > t0:
                     row["tokens_per_s"] = (tokens - n0) / (now - t0)
-                self.last = (now, tokens)
+                    row["answer_tokens_per_s"] = (answers - a0) / (now - t0)
+                self.last = (now, tokens, answers)
                 row["num_tokens"] = tokens
             for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy"):
                 if key in logs:
