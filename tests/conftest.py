@@ -63,8 +63,14 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
-    """Run the real `lorafit` entry point in a subprocess."""
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    timeout: int = 900,
+    stdin: str = "",
+):
+    """Run the real `lorafit` entry point in a subprocess (``stdin`` is typed into it)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "lorafit", *args],
@@ -73,4 +79,5 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=stdin,
     )

@@ -27,6 +27,8 @@ def pipeline(tmp_path_factory):
         "--set",
         "train.epochs=5",
         "--set",
+        "train.batch_size=8",
+        "--set",
         "train.grad_accumulation=1",
     )
     assert r.returncode == 0, r.stderr[-3000:]

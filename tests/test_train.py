@@ -148,3 +148,20 @@ def test_merge_is_standalone_and_matches(tiny_run, tmp_path):
     assert merged.generation_config.eos_token_id is not None
     with pytest.raises(LorafitError, match="already exists"):
         merge(tiny_run, tmp_path / "merged")
+
+
+def test_custom_system_prompt_travels_to_the_merged_model(tmp_path, tiny_model_dir):
+    from lorafit.inference import load_for_inference
+    from lorafit.merge import merge
+
+    cfg = _cfg(
+        tmp_path,
+        tiny_model_dir,
+        out="sys",
+        **{"train.max_steps": 2, "data.system_prompt": "'You answer brewing questions.'"},
+    )
+    run = train(cfg, show_progress=False)
+    assert load_for_inference(run, "cpu").system_prompt == "You answer brewing questions."
+    merge(run, tmp_path / "sys-merged")
+    loaded = load_for_inference(tmp_path / "sys-merged", "cpu")
+    assert loaded.system_prompt == "You answer brewing questions."

@@ -22,13 +22,14 @@ import json
 import re
 from pathlib import Path
 
-from lorafit.data.formats import read_dataset
+from lorafit.data.formats import read_dataset, write_jsonl
 from lorafit.data.tokenize import with_system
 from lorafit.errors import LorafitError
 from lorafit.inference import chat_prompt, generate, load_for_inference
 from lorafit.rundir import write_json
 
 KEY_RECALL = 0.6
+PROBE_MAX_NEW_TOKENS = 32  # probe answers are a word or a short sentence
 DEFAULT_PROBES = Path(__file__).resolve().parents[2] / "data" / "probes" / "general.jsonl"
 STOP_WORDS = frozenset(
     """a an the and or of to in on for at by with from as is are was were be been being it its
@@ -94,14 +95,20 @@ def read_probes(path: str | Path) -> list[dict]:
     return rows
 
 
-def run_probes(loaded, probes: list[dict], max_new_tokens: int, batch_size: int, progress=None):
-    """Answer the probes with base and tuned model: (rows, base accuracy, tuned accuracy)."""
-    prompts = [chat_prompt(p["prompt"], loaded.system_prompt) for p in probes]
+def answer_both(loaded, prompts, max_new_tokens: int, batch_size: int, progress=None):
+    """Greedy answers from the base model (adapter disabled) and the tuned model."""
     with loaded.model.disable_adapter():
         base = generate(
             loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress
         )
     tuned = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress)
+    return base, tuned
+
+
+def run_probes(loaded, probes: list[dict], max_new_tokens: int, batch_size: int, progress=None):
+    """Answer the probes with base and tuned model: (rows, base accuracy, tuned accuracy)."""
+    prompts = [chat_prompt(p["prompt"], loaded.system_prompt) for p in probes]
+    base, tuned = answer_both(loaded, prompts, max_new_tokens, batch_size, progress)
     rows = []
     for p, (b, _), (t, _) in zip(probes, base, tuned, strict=True):
         rows.append(
@@ -193,11 +200,7 @@ def evaluate(
     dataset = read_dataset(data)
     examples = dataset.examples[:limit] if limit else dataset.examples
     prompts = [with_system(e, loaded.system_prompt) for e in examples]
-    with loaded.model.disable_adapter():
-        base = generate(
-            loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress
-        )
-    tuned = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress)
+    base, tuned = answer_both(loaded, prompts, max_new_tokens, batch_size, progress)
     rows = []
     for e, (b, b_stop), (t, t_stop) in zip(examples, base, tuned, strict=True):
         question = e.prompt[-1]["content"]
@@ -225,7 +228,7 @@ def evaluate(
     probe_rows: list[dict] = []
     if probes is not None and Path(probes).is_file():
         probe_rows, base_general, tuned_general = run_probes(
-            loaded, read_probes(probes), max_new_tokens, batch_size, progress
+            loaded, read_probes(probes), PROBE_MAX_NEW_TOKENS, batch_size, progress
         )
         metrics["base"]["general_accuracy"] = base_general
         metrics["tuned"]["general_accuracy"] = tuned_general
@@ -233,14 +236,8 @@ def evaluate(
             r["prompt"] for r in probe_rows if r["base_correct"] and not r["tuned_correct"]
         ]
         metrics["probes"] = str(probes)
-        with (out / ".probe_predictions.jsonl.tmp").open("w") as f:
-            for r in probe_rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        (out / ".probe_predictions.jsonl.tmp").replace(out / "probe_predictions.jsonl")
-    with (out / ".predictions.jsonl.tmp").open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    (out / ".predictions.jsonl.tmp").replace(out / "predictions.jsonl")
+        write_jsonl(out / "probe_predictions.jsonl", probe_rows)
+    write_jsonl(out / "predictions.jsonl", rows)
     write_json(out / "metrics.json", metrics)
     (out / "report.md").write_text(_report_md(metrics, rows, probe_rows))
     metrics["output"] = str(out)

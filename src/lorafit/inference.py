@@ -59,7 +59,9 @@ def load_for_inference(target: str | Path, device: str | None = None) -> Loaded:
     model_dir = resolve_model_dir(str(target))
     model = load_model(ModelSection(name=str(model_dir)), model_dir, device)
     model.eval()
-    return Loaded(model, load_tokenizer(model_dir), "model")
+    merge_info = model_dir / "lorafit_merge.json"  # a lorafit-merged model: same system turn
+    system_prompt = read_json(merge_info).get("system_prompt") if merge_info.is_file() else None
+    return Loaded(model, load_tokenizer(model_dir), "model", system_prompt)
 
 
 def _prompt_text(tokenizer, prompt: list[dict[str, str]]) -> str:

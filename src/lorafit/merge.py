@@ -74,6 +74,8 @@ def merge(run_dir: str | Path, output: str | Path, overwrite: bool = False) -> d
             "tolerance": TOLERANCE,
             "parity_ok": diff <= TOLERANCE,
             "prompts": list(PARITY_PROMPTS),
+            # the system turn the adapter was trained with; `lorafit ask/chat` reuse it
+            "system_prompt": system_prompt,
         }
         write_json(tmp / "lorafit_merge.json", report)
         if not report["parity_ok"]:

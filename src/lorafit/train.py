@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -128,6 +129,33 @@ def _trainer_class():
             if "loss" in logs and self._tokens:
                 logs = {**logs, "num_tokens": self._tokens, "answer_tokens": self._answer_tokens}
             return super().log(logs, *args, **kwargs)
+
+        def _save_checkpoint(self, model, trial):
+            # transformers writes checkpoint-N in place: a crash mid-save leaves a checkpoint
+            # that --resume would pick up and fail on. Stage it, then rename (atomic on one fs).
+            if self.accelerator.num_processes > 1:  # per-rank RNG files: keep the stock path
+                return super()._save_checkpoint(model, trial)
+            from transformers.trainer import rotate_checkpoints
+
+            real = self.args.output_dir
+            staging = os.path.join(real, ".staging")
+            shutil.rmtree(staging, ignore_errors=True)
+            self.args.output_dir = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = real
+            name = f"checkpoint-{self.state.global_step}"
+            target = os.path.join(real, name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(os.path.join(staging, name), target)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=real,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=None,
+                use_mtime=True,
+            )
 
         _tokens = 0
         _answer_tokens = 0
@@ -301,7 +329,7 @@ def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bo
         eval_dataset=_to_hf_dataset(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=lora_config(config.lora),
-        callbacks=_callbacks(run_dir, show_progress),
+        callbacks=(callbacks := _callbacks(run_dir, show_progress)),
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -309,7 +337,20 @@ def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bo
     peft_model = trainer.model
     trainable, total = peft_model.get_nb_trainable_parameters()
     resume_from = resume and any((run_dir / "checkpoints").glob("checkpoint-*"))
-    result = trainer.train(resume_from_checkpoint=True if resume_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=True if resume_from else None)
+    except KeyboardInterrupt:
+        # Ctrl-C: keep the work done so far as a resumable checkpoint, then leave cleanly
+        for callback in callbacks:
+            callback.on_train_end(args, trainer.state, trainer.control)
+        trainer._save_checkpoint(trainer.model, trial=None)
+        step = trainer.state.global_step
+        run_info.update(status="interrupted", error=f"interrupted at step {step}")
+        write_json(run_dir / RUN_FILE, run_info)
+        raise LorafitError(
+            f"interrupted at step {step}; checkpoint saved. Continue with: lorafit train "
+            f"... --output {run_dir} --resume"
+        ) from None
     nonfinite = getattr(trainer.state, "lorafit_nonfinite", None)
     if nonfinite:
         run_info.update(status="failed", error=nonfinite)
