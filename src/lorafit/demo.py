@@ -95,7 +95,7 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         f"{config.train.epochs:g} epochs, lr {config.train.lr:g}"
     )
     run_dir = train(config, overwrite=overwrite)
-    gc.collect()  # the trainer holds reference cycles; free its model before the next stage
+    gc.collect()  # the trainer holds reference cycles: drop its model before the next stage
     say(f"[bold]3/4 eval[/]: base vs tuned on {n_eval} held-out phrasings")
     metrics = evaluate(
         run_dir,

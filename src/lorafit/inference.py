@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 class Loaded:
     model: object
     tokenizer: object
-    kind: str  # run | model
     system_prompt: str | None = None
     has_adapter: bool = False
 
@@ -55,13 +54,13 @@ def load_for_inference(target: str | Path, device: str | None = None) -> Loaded:
         model = PeftModel.from_pretrained(base, path / ADAPTER_DIR)
         model.eval()
         tokenizer = load_tokenizer(path / ADAPTER_DIR)
-        return Loaded(model, tokenizer, "run", system_prompt, has_adapter=True)
+        return Loaded(model, tokenizer, system_prompt, has_adapter=True)
     model_dir = resolve_model_dir(str(target))
     model = load_model(ModelSection(name=str(model_dir)), model_dir, device)
     model.eval()
     merge_info = model_dir / "lorafit_merge.json"  # a lorafit-merged model: same system turn
     system_prompt = read_json(merge_info).get("system_prompt") if merge_info.is_file() else None
-    return Loaded(model, load_tokenizer(model_dir), "model", system_prompt)
+    return Loaded(model, load_tokenizer(model_dir), system_prompt)
 
 
 def _prompt_text(tokenizer, prompt: list[dict[str, str]]) -> str:

@@ -372,6 +372,7 @@ def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bo
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     elapsed = time.time() - started
     train_runtime = result.metrics.get("train_runtime", elapsed)
+    epoch_scale = trainer.state.epoch or 1
     run_info.update(
         status="completed",
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -384,11 +385,13 @@ def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bo
             "final_eval_loss": eval_losses[-1] if eval_losses else None,
             "train_runtime_s": train_runtime,
             "wall_s": elapsed,
-            "answer_tokens_per_s": train_info["answer_tokens"]
-            * (trainer.state.epoch or 1)
+            # tokens this process really trained on (counted in compute_loss); the data-size
+            # estimate only where TRL's own loss path ran (multi-process)
+            "answer_tokens_per_s": (
+                trainer._answer_tokens or epoch_scale * train_info["answer_tokens"]
+            )
             / max(train_runtime, 1e-9),
-            "tokens_per_s": train_info["tokens"]
-            * (trainer.state.epoch or 1)
+            "tokens_per_s": (trainer._tokens or epoch_scale * train_info["tokens"])
             / max(train_runtime, 1e-9),
         },
     )

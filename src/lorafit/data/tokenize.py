@@ -7,7 +7,7 @@ its pad token): the model must learn to stop. Anything the template adds after t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lorafit.data.formats import Example
 
@@ -29,7 +29,7 @@ class TokenizeReport:
     rows: int = 0
     truncated: int = 0  # rows cut to max_length (some answer tokens lost)
     fully_masked: int = 0  # rows with no answer token left: dropped
-    lengths: list[int] | None = None
+    lengths: list[int] = field(default_factory=list)
 
 
 def with_system(example: Example, system_prompt: str | None) -> list[dict[str, str]]:
@@ -74,7 +74,7 @@ def tokenize_all(
     tokenizer, examples: list[Example], max_length: int, system_prompt: str | None = None
 ) -> tuple[list[Tokenized], TokenizeReport]:
     """Tokenize every example; drop (and count) those with no answer token left."""
-    report = TokenizeReport(lengths=[])
+    report = TokenizeReport()
     kept: list[Tokenized] = []
     for example in examples:
         tok, truncated = tokenize_example(tokenizer, example, max_length, system_prompt)
