@@ -15,6 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 
 
+def pytest_configure(config):
+    """Tests track into a throwaway MLflow store, never the checkout's runs/mlflow.db."""
+    import tempfile
+
+    store = Path(tempfile.mkdtemp(prefix="lorafit-mlflow-")) / "mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+
+
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     """The embedded SmolLM2 materialized as safetensors (once per cache)."""

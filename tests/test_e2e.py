@@ -86,3 +86,51 @@ def test_chat_keeps_the_conversation_and_exits(pipeline):
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout.lower()
     assert "mash" in out and "original gravity" in out
+
+
+def test_export_gguf_round_trips(pipeline):
+    """f16 and q8_0 GGUFs of the tuned model, each loaded back and checked against the merge."""
+    for gguf_type in ("f16", "q8_0"):
+        out = pipeline / "gguf" / f"brewing-{gguf_type}.gguf"
+        r = run_cli(
+            "export", "gguf", str(pipeline / "run"), "--output", str(out), "--type", gguf_type
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        report = json.loads(out.with_suffix(".export.json").read_text())
+        assert report["ok"] and report["chat_template_matches"] and report["eos_matches"]
+        assert report["tokenizer_ids_match"]
+        assert report["gguf_stop_rate"] >= 0.9
+        if gguf_type == "f16":
+            assert report["agreement"] == 1.0  # the same greedy answers as the merged model
+        assert report["gguf_accuracy"] >= report["merged_accuracy"] - 0.25
+    modelfile = (pipeline / "gguf" / "Modelfile").read_text()
+    assert "FROM ./brewing-q8_0.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "<|im_start|>{{ .Role }}" in modelfile
+    # refuses to overwrite, and a wrong type is a clear error
+    r = run_cli("export", "gguf", str(pipeline / "run"), "--output", str(out))
+    assert r.returncode == 2 and "already exists" in r.stderr
+    r = run_cli("export", "gguf", str(pipeline / "run"), "--output", str(out), "--type", "q2")
+    assert r.returncode == 2 and "f16" in r.stderr
+
+
+def test_serve_answers_the_official_openai_client(pipeline):
+    from openai import OpenAI
+    from test_serve import start_server, stop_server
+
+    proc, base = start_server(str(pipeline / "run"), "--name", "brewing")
+    try:
+        client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        question = [{"role": "user", "content": "What does IBU stand for?"}]
+        reply = client.chat.completions.create(model="brewing", messages=question, max_tokens=48)
+        assert "bitterness" in reply.choices[0].message.content.lower()
+        assert reply.choices[0].finish_reason == "stop"  # stops by itself
+        stream = client.chat.completions.create(
+            model="brewing",
+            messages=[{"role": "user", "content": "What is wort?"}],
+            max_tokens=48,
+            stream=True,
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert "mash" in text.lower()
+    finally:
+        stop_server(proc)

@@ -24,6 +24,19 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Generate and check training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+export_app = typer.Typer(help="Export a tuned model for other runtimes.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+runs_app = typer.Typer(
+    help="Tracked runs (MLflow): a table best first, or `lorafit runs compare A B`.",
+    invoke_without_command=True,
+)
+app.add_typer(runs_app, name="runs")
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)."
+    ),
+]
 
 ConfigArg = Annotated[
     Path | None, typer.Argument(help="YAML config (see configs/); defaults apply without one.")
@@ -319,6 +332,153 @@ def demo(
     console.print(f'try it: [bold]lorafit ask {result.merged_dir} "What is ATP?"[/]')
 
 
+@export_app.command("gguf")
+def export_gguf(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", help="The .gguf file to write.")],
+    gguf_type: Annotated[
+        str,
+        typer.Option(
+            "--type", help="f16 (same answers as the merged model) or q8_0 (half the size)."
+        ),
+    ] = "f16",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Write a GGUF for llama.cpp / Ollama / LM Studio, plus an Ollama Modelfile beside it.
+
+    A run directory is merged first (into RUN/merged). The file is kept only after a round
+    trip: the GGUF's chat template, end token and tokenizer must match the model's, and the
+    GGUF loaded back must give the merged model's greedy answers (f16: all of them).
+    """
+    from lorafit.export import export_gguf as run_export
+
+    r = run_export(model, output, gguf_type, overwrite)
+    table = Table(title=f"GGUF round trip ({r['type']}, {r['bytes'] / 2**20:.0f} MiB)")
+    for col in ("check", "result"):
+        table.add_column(col)
+    table.add_row("chat template embedded", "✅" if r["chat_template_matches"] else "❌")
+    table.add_row("end token", "✅" if r["eos_matches"] else "❌")
+    table.add_row("tokenizer ids", "✅" if r["tokenizer_ids_match"] else "❌")
+    table.add_row("same greedy answers as merged", f"{r['agreement']:.0%}")
+    if "gguf_accuracy" in r:
+        table.add_row(
+            "held-out accuracy merged / gguf",
+            f"{r['merged_accuracy']:.0%} / {r['gguf_accuracy']:.0%}",
+        )
+    llama = r["llama_cpp"]
+    table.add_row(
+        "llama.cpp", f"{llama['agreement']:.0%} same answers" if llama["checked"] else llama["why"]
+    )
+    console.print(table)
+    console.print(f"[green]wrote[/] {r['gguf']} and {r['modelfile']}")
+    console.print(f"ollama: cd {Path(r['gguf']).parent} && ollama create my-model -f Modelfile")
+
+
+@app.command()
+def serve(
+    model: ModelArg,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; other than loopback needs --api-key.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Require 'Authorization: Bearer KEY' (default: $LORAFIT_API_KEY).",
+            show_default=False,
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Model name clients ask for (default: the directory name).")
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option(help="Largest max_tokens a request may ask for.")
+    ] = 1024,
+) -> None:
+    """OpenAI-compatible API (/v1/chat/completions plain and streamed, /v1/models, /health).
+
+    A run directory is merged first (into RUN/merged). Use it with any OpenAI client:
+    OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").
+    """
+    from lorafit.serve import ServeLimits
+    from lorafit.serve import serve as run_serve
+
+    console.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
+    run_serve(model, host, port, api_key, ServeLimits(max_tokens=max_tokens), name)
+
+
+@runs_app.callback()
+def runs(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(help="Show at most N runs.", min=1)] = 20,
+    store: StoreOpt = None,
+) -> None:
+    """Runs in the MLflow store, best held-out accuracy first."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from lorafit.tracking import list_runs, tracking_uri
+
+    uri = tracking_uri(store)
+    rows = list_runs(uri, limit)
+    if not rows:
+        console.print(f"no runs in {uri} yet: train one (lorafit train / lorafit demo)")
+        return
+    table = Table(title=f"lorafit runs ({uri})")
+    for col in (
+        "name",
+        "base model",
+        "data",
+        "held-out acc.",
+        "base acc.",
+        "loss",
+        "duration",
+        "status",
+    ):
+        table.add_column(col, overflow="fold")
+
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["base_model"] or "-",
+            r["data"],
+            pct(r["heldout_accuracy"]),
+            pct(r["base_accuracy"]),
+            "-" if r["final_loss"] is None else f"{r['final_loss']:.3f}",
+            "-" if r["duration_s"] is None else f"{r['duration_s'] / 60:.1f} min",
+            r["status"],
+        )
+    console.print(table)
+
+
+@runs_app.command("compare")
+def runs_compare(
+    a: Annotated[str, typer.Argument(help="Run name, MLflow run id or run directory.")],
+    b: Annotated[str, typer.Argument(help="The run to compare it with.")],
+    store: StoreOpt = None,
+) -> None:
+    """What differs between two runs' configs and data, and their metrics side by side."""
+    from lorafit.tracking import compare_runs, tracking_uri
+
+    c = compare_runs(tracking_uri(store), a, b)
+    table = Table(title="settings that differ")
+    for col in ("key", *c["names"]):
+        table.add_column(col, overflow="fold")
+    for key, (va, vb) in c["params"].items():
+        table.add_row(key, str(va), str(vb))
+    if not c["params"]:
+        table.add_row("(none)", "", "")
+    console.print(table)
+    table = Table(title="metrics")
+    for col in ("metric", *c["names"]):
+        table.add_column(col)
+    for key, (va, vb) in c["metrics"].items():
+        table.add_row(key, *("-" if v is None else f"{v:.4g}" for v in (va, vb)))
+    console.print(table)
+
+
 @app.command()
 def doctor() -> None:
     """Check Python, torch, CUDA/GPU, RAM, disk and the embedded model, with advice."""
@@ -341,5 +501,7 @@ def main() -> None:
     try:
         app()
     except LorafitError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]error:[/] {e}", highlight=False, markup=True
+        )
         sys.exit(2)

@@ -26,7 +26,9 @@ from lorafit.data.formats import read_dataset, write_jsonl
 from lorafit.data.tokenize import with_system
 from lorafit.errors import LorafitError
 from lorafit.inference import chat_prompt, generate, load_for_inference
+from lorafit.report import render as render_html
 from lorafit.rundir import write_json
+from lorafit.tracking import flatten, tracker_for_run
 
 KEY_RECALL = 0.6
 PROBE_MAX_NEW_TOKENS = 32  # probe answers are a word or a short sentence
@@ -240,5 +242,25 @@ def evaluate(
     write_jsonl(out / "predictions.jsonl", rows)
     write_json(out / "metrics.json", metrics)
     (out / "report.md").write_text(_report_md(metrics, rows, probe_rows))
+    (out / "report.html").write_text(render_html(metrics, rows, probe_rows, run_dir))
+    _track(run_dir, metrics, out)
     metrics["output"] = str(out)
     return metrics
+
+
+def _track(run_dir: Path, metrics: dict, out: Path) -> None:
+    """Evaluation joins the training run in MLflow (lineage: adapter -> evaluation)."""
+    tracker = tracker_for_run(run_dir)
+    if tracker is None:
+        return
+    flat = {
+        f"eval.{k}": v
+        for k, v in flatten({"base": metrics["base"], "tuned": metrics["tuned"]}).items()
+    }
+    tracker.log_metrics(
+        {**flat, "heldout_accuracy": metrics["tuned"]["accuracy"], "eval.n": metrics["n"]}
+    )
+    tracker.set_tags(
+        {"lorafit.eval.data": metrics["data"], "lorafit.eval.output": str(out.resolve())}
+    )
+    tracker.log_artifact(out, "eval")

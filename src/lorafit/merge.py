@@ -19,6 +19,7 @@ from lorafit.errors import LorafitError
 from lorafit.inference import chat_prompt, run_settings
 from lorafit.model import load_model, load_tokenizer
 from lorafit.rundir import ADAPTER_DIR, is_run_dir, write_json
+from lorafit.tracking import tracker_for_run
 
 TOLERANCE = 1e-3  # max |logit difference|, fp32
 PARITY_PROMPTS = ("What is ATP?", "Explain what you can do.", "What is 2+2?")
@@ -89,4 +90,23 @@ def merge(run_dir: str | Path, output: str | Path, overwrite: bool = False) -> d
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write_json(run_dir / "merge.json", {**report, "output": str(output)})
+    tracker = tracker_for_run(run_dir)  # lineage: adapter -> merged model
+    if tracker is not None:
+        tracker.log_metrics({"merge.max_abs_logit_diff": diff})
+        tracker.set_tags({"lorafit.merged_dir": str(output.resolve())})
+        tracker.log_artifact(output / "lorafit_merge.json", "merge")
     return {**report, "output": str(output)}
+
+
+def servable_dir(target: str | Path) -> Path:
+    """A standalone model directory for ``target``: a run is merged once into RUN/merged."""
+    from lorafit.model import resolve_model_dir
+    from lorafit.rundir import RUN_FILE
+
+    path = Path(target)
+    if path.is_dir() and (path / RUN_FILE).is_file():
+        merged = path / "merged"
+        if not (merged / "lorafit_merge.json").is_file():
+            merge(path, merged, overwrite=True)
+        return merged
+    return resolve_model_dir(str(target))

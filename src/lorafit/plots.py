@@ -37,3 +37,35 @@ def plot_loss(metrics_file: str | Path, out_png: str | Path) -> Path:
     fig.savefig(out_png)
     plt.close(fig)
     return Path(out_png)
+
+
+def plot_comparison(metrics: dict, out_png: str | Path) -> Path:
+    """Base vs tuned bars: held-out accuracy, answers that stop, general ability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [("accuracy", "held-out accuracy"), ("stop_rate", "stops by itself")]
+    if "general_accuracy" in metrics["tuned"]:
+        labels.append(("general_accuracy", "general ability"))
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    width = 0.38
+    for shift, (name, color) in (
+        (-width / 2, ("base", "#9e9e9e")),
+        (width / 2, ("tuned", "#2e7d32")),
+    ):
+        values = [metrics[name][key] * 100 for key, _ in labels]
+        bars = ax.bar(
+            [i + shift for i in range(len(labels))], values, width, label=name, color=color
+        )
+        ax.bar_label(bars, fmt="%.0f%%", fontsize=8)
+    ax.set_xticks(range(len(labels)), [text for _, text in labels])
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("% of prompts")
+    ax.set_title("base vs tuned")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return Path(out_png)

@@ -39,8 +39,10 @@ from lorafit.rundir import (
     file_sha256,
     library_versions,
     prepare_run_dir,
+    read_json,
     write_json,
 )
+from lorafit.tracking import Tracker, flatten, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +165,7 @@ def _trainer_class():
     return LorafitTrainer
 
 
-def _callbacks(run_dir: Path, show_progress: bool):
+def _callbacks(run_dir: Path, show_progress: bool, tracker: Tracker):
     from transformers import TrainerCallback
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -228,6 +230,7 @@ def _callbacks(run_dir: Path, show_progress: bool):
                     state.lorafit_nonfinite = f"{key} became {value} at step {state.global_step}"
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
             if self.progress is not None and "loss" in row:
                 info = f"loss {row['loss']:.3f}"
                 if "tokens_per_s" in row:
@@ -257,9 +260,6 @@ def train(
 
 
 def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bool) -> Path:
-    import torch
-    from trl import SFTConfig
-
     started = time.time()
     source = resolve_source(config.model.name)
     model_dir = resolve_model_dir(config.model.name, config.model.revision)
@@ -283,9 +283,71 @@ def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bo
         "precision": precision,
         "versions": library_versions(),
     }
+    tracker = _start_tracking(config, run_dir, run_info, resume)
     write_json(run_dir / RUN_FILE, run_info)
     if not resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    data = (tokenizer, train_rows, eval_rows, started)
+    try:
+        return _train_tracked(config, run_dir, resume, show_progress, run_info, tracker, data)
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("KILLED" if run_info.get("status") == "interrupted" else "FAILED")
+        raise
+
+
+def _start_tracking(config: Config, run_dir: Path, run_info: dict, resume: bool) -> Tracker:
+    """Open (or, on --resume, reopen) the run's MLflow run and log what it is made of."""
+    t = config.tracking
+    tracker = Tracker(tracking_uri(t.uri), t.experiment, enabled=t.enabled)
+    if not t.enabled:
+        return tracker
+    previous = {}
+    if resume and (run_dir / RUN_FILE).is_file():
+        previous = read_json(run_dir / RUN_FILE).get("tracking") or {}
+    if previous.get("run_id") and previous.get("uri") == tracker.uri:
+        tracker.attach(previous["run_id"])
+    else:
+        tracker.start(
+            run_dir.name,
+            {
+                "lorafit.run_dir": str(run_dir.resolve()),
+                "lorafit.base_model": config.model.name,
+            },
+        )
+    if tracker.run_id:
+        run_info["tracking"] = {
+            "uri": tracker.uri,
+            "experiment": tracker.experiment,
+            "run_id": tracker.run_id,
+        }
+    tracker.log_params(flatten(config.model_dump(mode="json")))
+    tracker.log_params(flatten({"dataset": run_info["data"]}))
+    tracker.set_tags({f"version.{k}": v for k, v in run_info["versions"].items()})
+    tracker.set_tags(
+        {"lorafit.device": run_info["device"], "lorafit.precision": run_info["precision"]}
+    )
+    return tracker
+
+
+def _train_tracked(
+    config: Config,
+    run_dir: Path,
+    resume: bool,
+    show_progress: bool,
+    run_info: dict,
+    tracker: Tracker,
+    data: tuple,
+) -> Path:
+    import torch
+    from trl import SFTConfig
+
+    tokenizer, train_rows, eval_rows, started = data
+    train_info = run_info["data"]["train"]
+    model_dir = Path(run_info["base_model"]["dir"])
+    device, precision = run_info["device"], run_info["precision"]
 
     torch.manual_seed(config.train.seed)
     model = load_model(config.model, model_dir, device)
@@ -329,7 +391,7 @@ def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bo
         eval_dataset=_to_hf_dataset(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=lora_config(config.lora),
-        callbacks=(callbacks := _callbacks(run_dir, show_progress)),
+        callbacks=(callbacks := _callbacks(run_dir, show_progress, tracker)),
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -397,4 +459,9 @@ def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bo
     )
     write_json(run_dir / RUN_FILE, run_info)
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    tracker.log_metrics({**run_info["results"], **run_info["lora"]}, trainer.state.global_step)
+    for name in ("config.yaml", RUN_FILE, "metrics.jsonl", "loss.png"):
+        tracker.log_artifact(run_dir / name)
+    tracker.log_artifact(run_dir / ADAPTER_DIR, ADAPTER_DIR)
+    tracker.end("FINISHED")
     return run_dir
