@@ -134,3 +134,24 @@ def test_serve_answers_the_official_openai_client(pipeline):
         assert "mash" in text.lower()
     finally:
         stop_server(proc)
+
+
+def test_mlflow_holds_the_whole_lineage(pipeline):
+    """One MLflow run: data -> adapter -> evaluation -> merged model -> GGUFs (runs after the
+    tests above in this module)."""
+    from mlflow.tracking import MlflowClient
+
+    tracking = json.loads((pipeline / "run" / "run.json").read_text())["tracking"]
+    client = MlflowClient(tracking_uri=tracking["uri"])
+    run = client.get_run(tracking["run_id"])
+    assert run.data.params["model.name"] == "embedded:smollm2-135m-instruct"
+    assert run.data.params["dataset.train.path"].endswith("train.jsonl")
+    assert run.data.metrics["heldout_accuracy"] >= 0.6
+    tags = run.data.tags
+    assert tags["lorafit.merged_dir"].endswith("merged")
+    assert tags["lorafit.gguf.f16"].endswith("brewing-f16.gguf")
+    assert tags["lorafit.gguf.q8_0"].endswith("brewing-q8_0.gguf")
+    top = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "eval", "merge", "export", "loss.png"} <= top
+    r = run_cli("runs")
+    assert r.returncode == 0 and "run" in r.stdout

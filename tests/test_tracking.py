@@ -120,3 +120,27 @@ def test_default_store_is_runs_mlflow_db_beside_the_runs(tmp_path, tiny_model_di
     assert (tmp_path / "runs" / "mlartifacts").is_dir()
     r = run_cli("runs", cwd=tmp_path, env=env)
     assert r.returncode == 0 and "first" in r.stdout
+
+
+def test_report_html_renders_in_a_headless_browser(tracked, tmp_path):
+    import shutil
+    import subprocess
+
+    from conftest import ROOT
+    from PIL import Image
+
+    if shutil.which("chromium") is None:
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    _, first, _ = tracked
+    png = tmp_path / "report.png"
+    subprocess.run(
+        [ROOT / "scripts" / "screenshot-report.sh", first / "eval" / "report.html", png],
+        check=True,
+        timeout=120,
+    )
+    image = Image.open(png).convert("L")
+    assert image.size == (1200, 1400)
+    lo, hi = image.getextrema()
+    assert hi - lo > 200  # text and plots drawn, not a blank page
+    colours = len(set(image.resize((300, 350)).getdata()))
+    assert colours > 20

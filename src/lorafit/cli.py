@@ -327,7 +327,8 @@ def demo(
         for q in result.seed_questions:
             seed_table.add_row(q["prompt"], ("✅ " if q["correct"] else "❌ ") + q["answer"][:200])
         console.print(seed_table)
-    console.print(f"report: {Path(result.metrics['output']) / 'report.md'}")
+    out = Path(result.metrics["output"])
+    console.print(f"report: {out / 'report.html'} (also {out / 'report.md'})")
     console.print(f"run: {result.run_dir}  merged model: {result.merged_dir}")
     console.print(f'try it: [bold]lorafit ask {result.merged_dir} "What is ATP?"[/]')
 
