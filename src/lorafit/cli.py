@@ -151,8 +151,35 @@ def train(
     sets: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            help="Train data-parallel in N processes per machine: starts torchrun for you "
+            "(one per GPU; on CPU, gloo).",
+            min=1,
+        ),
+    ] = None,
+    nnodes: Annotated[
+        int, typer.Option("--nnodes", help="Machines taking part (with --nproc).", min=1)
+    ] = 1,
+    rdzv_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--rdzv-endpoint",
+            help="HOST:PORT every machine can reach (multi-node; run the same command on each).",
+        ),
+    ] = None,
 ) -> None:
-    """Train a LoRA adapter (TRL SFTTrainer + PEFT) into a self-describing run directory."""
+    """Train a LoRA adapter (TRL SFTTrainer + PEFT) into a self-describing run directory.
+
+    Several GPUs or machines: `--nproc N` (plus `--nnodes M --rdzv-endpoint HOST:PORT` on
+    every machine), or start `torchrun ... -m lorafit train ...` / `accelerate launch` yourself.
+    """
+    if nproc is not None:
+        from lorafit.launch import launch_torchrun
+
+        raise typer.Exit(launch_torchrun(sys.argv[1:], nproc, nnodes, rdzv_endpoint))
     from lorafit.train import train as run_train
 
     cfg = _config(
@@ -165,6 +192,8 @@ def train(
         },
     )
     run_dir = run_train(cfg, overwrite=overwrite, resume=resume)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     console.print(
         f"[green]done[/]: adapter and metrics in [bold]{run_dir}[/] (loss curve: {run_dir / 'loss.png'})"
     )

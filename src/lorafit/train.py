@@ -165,7 +165,31 @@ def _trainer_class():
     return LorafitTrainer
 
 
-def _callbacks(run_dir: Path, show_progress: bool, tracker: Tracker):
+def _rank_agreement(model, history: list[dict], world_size: int) -> dict | None:
+    """Under several processes: every rank's adapter checksum and last logged loss (must agree)."""
+    if world_size < 2:
+        return None
+    import hashlib
+
+    import torch.distributed as dist
+
+    digest = hashlib.sha256()
+    # named like the saved adapter file's tensors, so the file can be checked against it
+    params = {n.replace(".default", ""): p for n, p in model.named_parameters() if p.requires_grad}
+    for name in sorted(params):
+        digest.update(name.encode())
+        digest.update(params[name].detach().float().cpu().numpy().tobytes())
+    losses = [h["loss"] for h in history if "loss" in h]
+    mine = {"adapter_sha256": digest.hexdigest(), "final_loss": losses[-1] if losses else None}
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    same = len({g["adapter_sha256"] for g in gathered}) == 1
+    if not same:
+        log.warning("ranks ended with different adapter weights: %s", gathered)
+    return {"world_size": world_size, "ranks": gathered, "adapters_identical": same}
+
+
+def _callbacks(run_dir: Path, show_progress: bool, tracker: Tracker, writer: bool = True):
     from transformers import TrainerCallback
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -228,9 +252,10 @@ def _callbacks(run_dir: Path, show_progress: bool, tracker: Tracker):
                 if value is not None and not math.isfinite(value):
                     control.should_training_stop = True
                     state.lorafit_nonfinite = f"{key} became {value} at step {state.global_step}"
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+            if writer:  # only rank 0 writes; every rank runs the NaN guard above
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
             if self.progress is not None and "loss" in row:
                 info = f"loss {row['loss']:.3f}"
                 if "tokens_per_s" in row:
@@ -254,13 +279,23 @@ def train(
     if not config.data.train:
         raise LorafitError("no training data: pass --data FILE or set data.train in the config")
     run_dir = Path(config.output_dir or default_run_dir())
+    rank, _ = process_rank()
+    if rank != 0:  # under torchrun only rank 0 owns the run directory; the others just train
+        return _train_locked(config, run_dir, resume, show_progress=False)
     prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
     with RunLock(run_dir):
         return _train_locked(config, run_dir, resume, show_progress)
 
 
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) under torchrun / accelerate launch; (0, 1) in a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bool) -> Path:
     started = time.time()
+    rank, world_size = process_rank()
+    writer = rank == 0
     source = resolve_source(config.model.name)
     model_dir = resolve_model_dir(config.model.name, config.model.revision)
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
@@ -272,8 +307,10 @@ def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bo
         eval_rows = eval_rows[: config.train.eval_loss_rows]
 
     device = best_device()
-    precision = resolve_precision(config.train.precision, device)
-    (run_dir / "config.yaml").write_text(dump_config(config))
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    precision = resolve_precision(config.train.precision, device.split(":")[0])
+    t = config.train
     run_info: dict[str, Any] = {
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -282,11 +319,28 @@ def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bo
         "device": device,
         "precision": precision,
         "versions": library_versions(),
+        "world_size": world_size,
+        "effective_batch_size": t.batch_size * t.grad_accumulation * world_size,
     }
-    tracker = _start_tracking(config, run_dir, run_info, resume)
-    write_json(run_dir / RUN_FILE, run_info)
-    if not resume:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if not writer:
+        tracker = Tracker("", enabled=False)
+    else:
+        (run_dir / "config.yaml").write_text(dump_config(config))
+        tracker = _start_tracking(config, run_dir, run_info, resume)
+        write_json(run_dir / RUN_FILE, run_info)
+        if not resume:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        log.info(
+            "training on %s x %d process(es), %s; effective batch %d (%d per device x %d "
+            "accumulation x %d)",
+            device,
+            world_size,
+            precision,
+            run_info["effective_batch_size"],
+            t.batch_size,
+            t.grad_accumulation,
+            world_size,
+        )
     data = (tokenizer, train_rows, eval_rows, started)
     try:
         return _train_tracked(config, run_dir, resume, show_progress, run_info, tracker, data)
@@ -345,6 +399,8 @@ def _train_tracked(
     from trl import SFTConfig
 
     tokenizer, train_rows, eval_rows, started = data
+    rank, world_size = process_rank()
+    writer = rank == 0
     train_info = run_info["data"]["train"]
     model_dir = Path(run_info["base_model"]["dir"])
     device, precision = run_info["device"], run_info["precision"]
@@ -383,6 +439,9 @@ def _train_tracked(
         padding_free=t.padding_free,
         dataloader_num_workers=0,
         optim="adamw_torch",
+        # several processes: gloo on CPU (nccl needs GPUs); LoRA uses every adapter param
+        ddp_backend="gloo" if world_size > 1 and device == "cpu" else None,
+        ddp_find_unused_parameters=False if world_size > 1 else None,
     )
     trainer = _trainer_class()(
         model=model,
@@ -391,7 +450,7 @@ def _train_tracked(
         eval_dataset=_to_hf_dataset(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=lora_config(config.lora),
-        callbacks=(callbacks := _callbacks(run_dir, show_progress, tracker)),
+        callbacks=(callbacks := _callbacks(run_dir, show_progress, tracker, writer)),
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -408,7 +467,8 @@ def _train_tracked(
         trainer._save_checkpoint(trainer.model, trial=None)
         step = trainer.state.global_step
         run_info.update(status="interrupted", error=f"interrupted at step {step}")
-        write_json(run_dir / RUN_FILE, run_info)
+        if writer:
+            write_json(run_dir / RUN_FILE, run_info)
         raise LorafitError(
             f"interrupted at step {step}; checkpoint saved. Continue with: lorafit train "
             f"... --output {run_dir} --resume"
@@ -416,12 +476,18 @@ def _train_tracked(
     nonfinite = getattr(trainer.state, "lorafit_nonfinite", None)
     if nonfinite:
         run_info.update(status="failed", error=nonfinite)
-        write_json(run_dir / RUN_FILE, run_info)
+        if writer:
+            write_json(run_dir / RUN_FILE, run_info)
         raise LorafitError(
             f"training stopped: {nonfinite}. Lower train.lr (now {t.lr:g}); the last good "
             f"checkpoint is kept in {run_dir / 'checkpoints'}"
         )
 
+    ranks = _rank_agreement(peft_model, trainer.state.log_history, world_size)
+    if not writer:
+        return run_dir
+    if ranks:
+        run_info["distributed"] = ranks
     tmp = run_dir / f".{ADAPTER_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     peft_model.save_pretrained(tmp, safe_serialization=True)
