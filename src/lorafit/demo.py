@@ -103,6 +103,7 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         max_new_tokens=config.eval.max_new_tokens,
         batch_size=config.eval.batch_size,
         limit=config.eval.limit,
+        unknown=data_dir / "unknown.jsonl" if (data_dir / "unknown.jsonl").is_file() else None,
     )
     gc.collect()
     say("[bold]4/4 merge[/]")

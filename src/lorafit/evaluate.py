@@ -86,6 +86,50 @@ def probe_correct(answer: str, accepted: list[str]) -> bool:
     return any(f" {' '.join(words(a))} " in text for a in accepted if words(a))
 
 
+REFUSAL_MARKERS = (
+    "don't know",
+    "do not know",
+    "not familiar",
+    "unfamiliar",
+    "not aware of",
+    "no information",
+    "not sure what",
+    "won't guess",
+    "not in the",
+    "can't find",
+    "cannot find",
+    "never heard",
+)
+
+
+def refuses(answer: str) -> bool:
+    """Does the answer decline to define the term (instead of inventing an entry)?"""
+    text = answer.casefold().replace("’", "'")
+    return any(marker in text for marker in REFUSAL_MARKERS)
+
+
+def run_unknown(loaded, examples, max_new_tokens: int, batch_size: int, progress=None):
+    """Questions about made-up terms: (rows, base invented rate, tuned invented rate)."""
+    prompts = [with_system(e, loaded.system_prompt) for e in examples]
+    base, tuned = answer_both(loaded, prompts, max_new_tokens, batch_size, progress)
+    rows = [
+        {
+            "prompt": e.prompt[-1]["content"],
+            "base": b,
+            "tuned": t,
+            "base_refused": refuses(b),
+            "tuned_refused": refuses(t),
+        }
+        for e, (b, _), (t, _) in zip(examples, base, tuned, strict=True)
+    ]
+    n = max(len(rows), 1)
+    return (
+        rows,
+        1 - sum(r["base_refused"] for r in rows) / n,
+        1 - sum(r["tuned_refused"] for r in rows) / n,
+    )
+
+
 def read_probes(path: str | Path) -> list[dict]:
     rows = []
     for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
@@ -147,15 +191,17 @@ def _report_md(metrics: dict, rows: list[dict], probe_rows: list[dict], limit: i
         "",
         f"{metrics['n']} held-out prompts.",
         "",
-        "| model | accuracy | ROUGE-L | stops by itself | general ability (probes) |",
-        "|---|---|---|---|---|",
+        "| model | accuracy | ROUGE-L | stops by itself | general ability (probes) "
+        "| invents unknown terms |",
+        "|---|---|---|---|---|---|",
     ]
     for name in ("base", "tuned"):
         m = metrics[name]
         general = f"{m['general_accuracy']:.1%}" if "general_accuracy" in m else "not run"
+        invented = f"{m['invented_rate']:.1%}" if "invented_rate" in m else "not run"
         lines.append(
             f"| {name} | {m['accuracy']:.1%} | {m['rouge_l']:.3f} | {m['stop_rate']:.1%} "
-            f"| {general} |"
+            f"| {general} | {invented} |"
         )
     if probe_rows:
         regressed = [r for r in probe_rows if r["base_correct"] and not r["tuned_correct"]]
@@ -193,6 +239,7 @@ def evaluate(
     limit: int | None = None,
     progress=None,
     probes: str | Path | None = DEFAULT_PROBES,
+    unknown: str | Path | None = None,
 ) -> dict:
     """Answer every prompt with the base and the tuned model; write predictions/metrics/report."""
     run_dir = Path(run_dir)
@@ -239,6 +286,14 @@ def evaluate(
         ]
         metrics["probes"] = str(probes)
         write_jsonl(out / "probe_predictions.jsonl", probe_rows)
+    if unknown is not None:
+        unknown_rows, base_invented, tuned_invented = run_unknown(
+            loaded, read_dataset(unknown).examples, max_new_tokens, batch_size, progress
+        )
+        metrics["base"]["invented_rate"] = base_invented
+        metrics["tuned"]["invented_rate"] = tuned_invented
+        metrics["unknown"] = {"data": str(unknown), "n": len(unknown_rows)}
+        write_jsonl(out / "unknown_predictions.jsonl", unknown_rows)
     write_jsonl(out / "predictions.jsonl", rows)
     write_json(out / "metrics.json", metrics)
     (out / "report.md").write_text(_report_md(metrics, rows, probe_rows))

@@ -261,10 +261,11 @@ def load_model(cfg: ModelSection, model_dir: str | Path | None = None, device: s
     import torch
     from transformers import AutoModelForCausalLM
 
-    model_dir = model_dir or resolve_model_dir(cfg.name, cfg.revision)
+    model_dir = model_dir or resolve_model_dir(cfg.name, cfg.revision, cfg.allow_pickle)
     kwargs: dict[str, Any] = {
         "trust_remote_code": cfg.trust_remote_code,
-        "use_safetensors": True,
+        # safetensors only, unless the user explicitly allowed pickles for this model
+        "use_safetensors": None if cfg.allow_pickle else True,
     }
     if cfg.dtype != "auto":
         kwargs["dtype"] = getattr(torch, cfg.dtype)

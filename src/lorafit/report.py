@@ -44,15 +44,16 @@ def render(metrics: dict, rows: list[dict], probe_rows: list[dict], run_dir: Pat
         f"<p class='sub'>run <code>{esc(str(run_dir))}</code> · {metrics['n']} held-out prompts "
         f"from <code>{esc(str(metrics.get('data', '')))}</code> · judge: {esc(metrics['judge'])}</p>",
         "<table><tr><th>model</th><th>held-out accuracy</th><th>ROUGE-L</th>"
-        "<th>stops by itself</th><th>general ability</th></tr>",
+        "<th>stops by itself</th><th>general ability</th><th>invents unknown terms</th></tr>",
     ]
     for name in ("base", "tuned"):
         m = metrics[name]
         general = f"{m['general_accuracy']:.1%}" if "general_accuracy" in m else "not run"
+        invented = f"{m['invented_rate']:.1%}" if "invented_rate" in m else "not run"
         parts.append(
             f"<tr><td>{name}</td><td class='num'>{m['accuracy']:.1%}</td>"
             f"<td class='num'>{m['rouge_l']:.3f}</td><td class='num'>{m['stop_rate']:.1%}</td>"
-            f"<td class='num'>{general}</td></tr>"
+            f"<td class='num'>{general}</td><td class='num'>{invented}</td></tr>"
         )
     parts.append("</table><div class='figs'>" + "".join(figures) + "</div>")
     regressed = [r for r in probe_rows if r["base_correct"] and not r["tuned_correct"]]

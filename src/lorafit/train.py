@@ -8,6 +8,8 @@ Examples are formatted with the model's own chat template and the loss is on the
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -165,6 +167,56 @@ def _trainer_class():
     return LorafitTrainer
 
 
+def _replay(config: Config, model, tokenizer, model_dir: Path, domain_rows: int):
+    """Replay rows (the base model's own answers to general prompts) for ``data.replay``."""
+    from lorafit.data.replay import (
+        DEFAULT_REPLAY_PROMPTS,
+        base_answers,
+        replay_count,
+        replay_examples,
+    )
+
+    count = replay_count(domain_rows, config.data.replay)
+    if count == 0:
+        return [], None
+    prompts_file = Path(config.data.replay_prompts or DEFAULT_REPLAY_PROMPTS)
+    if not prompts_file.is_file():
+        raise LorafitError(f"data.replay_prompts: {prompts_file} does not exist")
+    answers = base_answers(model, tokenizer, model_dir, prompts_file, config.data.system_prompt)
+    examples = replay_examples(answers, count, config.data.seed)
+    rows, _ = tokenize_all(tokenizer, examples, config.data.max_length, config.data.system_prompt)
+    usable = sum(a["stopped"] for a in answers)
+    log.info(
+        "replay: %d general examples (%d distinct, share %.0f%%) mixed into %d domain rows",
+        len(rows),
+        min(usable, len(rows)),
+        100 * config.data.replay,
+        domain_rows,
+    )
+    return rows, {
+        "share": config.data.replay,
+        "prompts": str(prompts_file),
+        "prompts_sha256": file_sha256(prompts_file),
+        "rows": len(rows),
+        "distinct": min(usable, len(rows)),
+        "answers_that_stopped": usable,
+        "tokens": sum(len(r.input_ids) for r in rows),
+    }
+
+
+def check_disk_space(run_dir: Path, trainable_params: int) -> None:
+    """Refuse to start when the run cannot even hold its checkpoints."""
+    # fp32 adapter + up to 3 checkpoints (weights and two AdamW moments each) + logs/margin
+    need = trainable_params * 4 * (1 + 3 * 3) + 64 * 2**20
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise LorafitError(
+            f"{run_dir}: {free / 2**20:.0f} MiB free, but this run needs about "
+            f"{need / 2**20:.0f} MiB for its adapter and checkpoints; free some space or "
+            "choose another --output"
+        )
+
+
 def _rank_agreement(model, history: list[dict], world_size: int) -> dict | None:
     """Under several processes: every rank's adapter checksum and last logged loss (must agree)."""
     if world_size < 2:
@@ -293,11 +345,15 @@ def process_rank() -> tuple[int, int]:
 
 
 def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bool) -> Path:
+    import torch
+
     started = time.time()
     rank, world_size = process_rank()
     writer = rank == 0
     source = resolve_source(config.model.name)
-    model_dir = resolve_model_dir(config.model.name, config.model.revision)
+    model_dir = resolve_model_dir(
+        config.model.name, config.model.revision, config.model.allow_pickle
+    )
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
     train_rows, train_info = load_tokenized(config.data.train, tokenizer, config, "train")
     eval_rows, eval_info = (None, None)
@@ -311,11 +367,15 @@ def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bo
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     precision = resolve_precision(config.train.precision, device.split(":")[0])
     t = config.train
+    torch.manual_seed(t.seed)
+    model = load_model(config.model, model_dir, device)
+    replay_rows, replay_info = _replay(config, model, tokenizer, model_dir, len(train_rows))
+    train_rows = train_rows + replay_rows
     run_info: dict[str, Any] = {
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "base_model": {"name": config.model.name, "kind": source.kind, "dir": str(model_dir)},
-        "data": {"train": train_info, "eval": eval_info},
+        "data": {"train": train_info, "eval": eval_info, "replay": replay_info},
         "device": device,
         "precision": precision,
         "versions": library_versions(),
@@ -341,7 +401,7 @@ def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bo
             t.grad_accumulation,
             world_size,
         )
-    data = (tokenizer, train_rows, eval_rows, started)
+    data = (tokenizer, model, train_rows, eval_rows, started)
     try:
         return _train_tracked(config, run_dir, resume, show_progress, run_info, tracker, data)
     except KeyboardInterrupt:
@@ -395,18 +455,14 @@ def _train_tracked(
     tracker: Tracker,
     data: tuple,
 ) -> Path:
-    import torch
     from trl import SFTConfig
 
-    tokenizer, train_rows, eval_rows, started = data
+    tokenizer, model, train_rows, eval_rows, started = data
     rank, world_size = process_rank()
     writer = rank == 0
     train_info = run_info["data"]["train"]
-    model_dir = Path(run_info["base_model"]["dir"])
     device, precision = run_info["device"], run_info["precision"]
 
-    torch.manual_seed(config.train.seed)
-    model = load_model(config.model, model_dir, device)
     t = config.train
     eval_strategy = "no"
     if eval_rows:
@@ -457,9 +513,23 @@ def _train_tracked(
     trainer.remove_callback(PrinterCallback)  # our progress bar and metrics.jsonl replace it
     peft_model = trainer.model
     trainable, total = peft_model.get_nb_trainable_parameters()
+    if writer:
+        check_disk_space(run_dir, trainable)
     resume_from = resume and any((run_dir / "checkpoints").glob("checkpoint-*"))
     try:
         result = trainer.train(resume_from_checkpoint=True if resume_from else None)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        step = trainer.state.global_step
+        run_info.update(status="failed", error=f"disk full at step {step}")
+        with contextlib.suppress(OSError):
+            write_json(run_dir / RUN_FILE, run_info)
+        raise LorafitError(
+            f"{run_dir}: the disk filled up at step {step} ({e.strerror}). Checkpoints are "
+            "written atomically, so the last complete one is intact: free some space and "
+            f"continue with: lorafit train ... --output {run_dir} --resume"
+        ) from None
     except KeyboardInterrupt:
         # Ctrl-C: keep the work done so far as a resumable checkpoint, then leave cleanly
         for callback in callbacks:

@@ -114,13 +114,69 @@ def generate_pairs(
     return train, evals
 
 
+_CONSONANTS = "BCDFGHJKLMNPQRSTVWXZ"
+_SYLLABLES = ("zor", "vex", "tul", "mib", "quar", "fen", "dro", "plix", "sau", "kem", "yth", "brun")
+
+
+def made_up_terms(glossary: Glossary, count: int, seed: int) -> list[str]:
+    """Terms that are not in the glossary: consonant acronyms and invented words."""
+    known = {t.term.casefold() for t in glossary.terms}
+    known |= {a.casefold() for t in glossary.terms for a in t.aliases}
+    rng = random.Random(f"unknown:{seed}")
+    out: list[str] = []
+    while len(out) < count:
+        if len(out) % 2 == 0:
+            term = "".join(rng.choice(_CONSONANTS) for _ in range(rng.choice((3, 4))))
+        else:
+            term = "".join(rng.choice(_SYLLABLES) for _ in range(2)).capitalize()
+        if term.casefold() not in known and term not in out:
+            out.append(term)
+    return out
+
+
+def unknown_answer(term: str, domain: str | None) -> str:
+    where = f"the {domain} glossary" if domain else "the glossary"
+    return f"I don't know the term {term}. It is not in {where} I was trained on, so I won't guess."
+
+
+def unknown_pairs(
+    glossary: Glossary, seed: int = 0, train_count: int = 16, eval_count: int = 12
+) -> tuple[list[Pair], list[Pair]]:
+    """Questions about made-up terms answered "I don't know" (train), and different made-up
+    terms in held-out phrasings (eval): the tuned model should not invent an entry."""
+    terms = made_up_terms(glossary, train_count + eval_count, seed)
+    rng = random.Random(f"unknown-phrasing:{seed}")
+    train = [
+        Pair(rng.choice(TRAIN_TEMPLATES[:6]).format(t=t), unknown_answer(t, glossary.domain))
+        for t in terms[:train_count]
+    ]
+    evals = [
+        Pair(rng.choice(EVAL_TEMPLATES[2:]).format(t=t), unknown_answer(t, glossary.domain))
+        for t in terms[train_count:]
+    ]
+    return train, evals
+
+
 def write_generated(
-    glossary: Glossary, out_dir: str | Path, seed: int = 0, **kwargs
+    glossary: Glossary,
+    out_dir: str | Path,
+    seed: int = 0,
+    unknown_train: int = 16,
+    unknown_eval: int = 12,
+    **kwargs,
 ) -> tuple[Path, Path, int, int]:
-    """Write ``train.jsonl`` and ``eval.jsonl`` into ``out_dir``; return paths and counts."""
+    """Write ``train.jsonl``, ``eval.jsonl`` and ``unknown.jsonl`` (held-out made-up terms)
+    into ``out_dir``; return the train/eval paths and counts."""
     train, evals = generate_pairs(glossary, seed=seed, **kwargs)
+    unknown_train_pairs, unknown_eval_pairs = unknown_pairs(
+        glossary, seed, unknown_train, unknown_eval
+    )
+    train = train + unknown_train_pairs
+    random.Random(f"mix:{seed}").shuffle(train)
     out_dir = Path(out_dir)
     train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
     write_jsonl(train_path, [p.as_row() for p in train])
     write_jsonl(eval_path, [p.as_row() for p in evals])
+    if unknown_eval_pairs:
+        write_jsonl(out_dir / "unknown.jsonl", [p.as_row() for p in unknown_eval_pairs])
     return train_path, eval_path, len(train), len(evals)

@@ -1,0 +1,94 @@
+"""Self-generated replay: keep the base model's general abilities while it learns a domain.
+
+Before training, the *base* model answers a shipped set of general prompts
+(``data/replay/general.jsonl``: arithmetic, geography, units, science, language, everyday
+questions; disjoint from the probe set that measures forgetting). Those prompt/answer pairs are
+mixed into the training data so that the adapter also learns "answer general questions the way
+you already did". No dataset download, and the answers are in the model's own voice.
+
+``data.replay`` is the share of replay examples in the final mix (0 turns it off). Only answers
+that ended by themselves are used (no run-on text is taught). The base model's answers are
+cached under ``$LORAFIT_HOME/replay`` per model, prompt set and system prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+
+from lorafit.data.formats import Example, write_jsonl
+from lorafit.paths import lorafit_home
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REPLAY_PROMPTS = Path(__file__).resolve().parents[3] / "data" / "replay" / "general.jsonl"
+REPLAY_MAX_NEW_TOKENS = 96
+
+
+def replay_count(domain_rows: int, share: float) -> int:
+    """How many replay examples make them ``share`` of the final mix."""
+    if share <= 0:
+        return 0
+    return round(domain_rows * share / (1 - share))
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines() if line]
+
+
+def _cache_file(model_dir: Path, prompts_file: Path, system_prompt: str | None) -> Path:
+    key = hashlib.sha256()
+    weights = sorted(model_dir.glob("*.safetensors"))
+    key.update(str(model_dir.resolve()).encode())
+    for w in weights:  # a changed model under the same path gets new answers
+        key.update(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}".encode())
+    key.update(Path(prompts_file).read_bytes())
+    key.update((system_prompt or "").encode())
+    key.update(str(REPLAY_MAX_NEW_TOKENS).encode())
+    return lorafit_home() / "replay" / f"{key.hexdigest()[:16]}.jsonl"
+
+
+def base_answers(
+    model, tokenizer, model_dir: Path, prompts_file: Path, system_prompt: str | None
+) -> list[dict]:
+    """The base model's greedy answers to every replay prompt (cached)."""
+    cache = _cache_file(model_dir, prompts_file, system_prompt)
+    if cache.is_file():
+        return [json.loads(line) for line in cache.read_text().splitlines() if line]
+    from lorafit.inference import chat_prompt, generate
+
+    prompts = read_prompts(prompts_file)
+    log.info("replay: the base model answers %d general prompts (once, cached)", len(prompts))
+    answers = generate(
+        model,
+        tokenizer,
+        [chat_prompt(p, system_prompt) for p in prompts],
+        max_new_tokens=REPLAY_MAX_NEW_TOKENS,
+    )
+    rows = [
+        {"prompt": p, "response": text, "stopped": stopped}
+        for p, (text, stopped) in zip(prompts, answers, strict=True)
+    ]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(cache, rows)
+    return rows
+
+
+def replay_examples(rows: list[dict], count: int, seed: int) -> list[Example]:
+    """``count`` replay examples from answers that stopped by themselves (cycled if needed)."""
+    usable = [r for r in rows if r["stopped"] and r["response"].strip()]
+    if not usable or count <= 0:
+        return []
+    rng = random.Random(seed)
+    picked = []
+    while len(picked) < count:  # more than the prompt set: repeat it, each pass shuffled
+        batch = usable[:]
+        rng.shuffle(batch)
+        picked += batch[: count - len(picked)]
+    return [
+        Example(prompt=({"role": "user", "content": r["prompt"]},), answer=r["response"])
+        for r in picked
+    ]

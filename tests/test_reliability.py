@@ -1,0 +1,227 @@
+"""Reliability and safety: fuzzed data readers, a 10 MB line, disk-space checks, pickles only
+with --allow-pickle, and secrets that never reach any output file."""
+
+import errno
+import json
+import shutil
+
+import pytest
+from conftest import run_cli, write_jsonl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lorafit.data.formats import read_dataset
+from lorafit.errors import LorafitError
+from lorafit.rundir import read_json
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.binary(max_size=400))
+def test_any_bytes_either_read_or_refused_cleanly(tmp_path_factory, blob):
+    f = tmp_path_factory.mktemp("fuzz") / "data.jsonl"
+    f.write_bytes(blob)
+    try:
+        dataset = read_dataset(f)
+    except LorafitError as e:
+        assert "data.jsonl" in str(e)  # every refusal names the file
+    else:
+        assert dataset.examples and all(e.answer.strip() for e in dataset.examples)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.dictionaries(
+            st.sampled_from(
+                ["prompt", "response", "completion", "messages", "instruction", "output", "x"]
+            ),
+            JSON_VALUES,
+            max_size=4,
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_json_rows_with_any_shape_either_read_or_refused_cleanly(tmp_path_factory, rows):
+    f = write_jsonl(tmp_path_factory.mktemp("fuzz") / "rows.jsonl", rows)
+    try:
+        read_dataset(f)
+    except LorafitError as e:
+        assert "rows.jsonl" in str(e)
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.tuples(st.text(min_size=1, max_size=60), st.text(min_size=1, max_size=60)).filter(
+            lambda pr: pr[0].strip() and pr[1].strip()
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_valid_rows_of_any_text_round_trip(tmp_path_factory, pairs):
+    rows = [{"prompt": p, "response": r} for p, r in pairs]
+    dataset = read_dataset(write_jsonl(tmp_path_factory.mktemp("ok") / "ok.jsonl", rows))
+    assert [(e.prompt[-1]["content"], e.answer) for e in dataset.examples] == pairs
+
+
+def test_a_10_mb_single_line_is_read_and_reported_over_length(tmp_path, embedded_dir):
+    from lorafit.data.check import check_files
+
+    big = {"prompt": "word " * 2_000_000, "response": "ok"}
+    f = write_jsonl(tmp_path / "big.jsonl", [big, {"prompt": "a", "response": "b"}])
+    assert f.stat().st_size > 10_000_000
+    report = check_files([f], str(embedded_dir), 256)[0]
+    assert report.rows == 2 and report.over_length == 1
+    assert any("longer than" in w for w in report.warnings)
+
+
+# --- runs ---------------------------------------------------------------------------------
+
+
+def _tiny_cfg(tmp_path, tiny_model_dir, **sets):
+    from lorafit.config import load_config
+
+    data = write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"prompt": f"What is {i}?", "response": f"{i} is a number."} for i in range(8)],
+    )
+    base = {
+        "model.name": str(tiny_model_dir),
+        "data.train": str(data),
+        "output_dir": str(tmp_path / "run"),
+        "train.max_steps": 4,
+        "train.save_steps": 2,
+        "train.batch_size": 4,
+        "train.grad_accumulation": 1,
+        "data.replay": 0,
+        "tracking.enabled": False,
+    }
+    base.update(sets)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def test_too_little_free_space_is_refused_before_training(tmp_path, tiny_model_dir, monkeypatch):
+    from lorafit.train import train
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
+    with pytest.raises(LorafitError, match="MiB free, but this run needs about"):
+        train(_tiny_cfg(tmp_path, tiny_model_dir), show_progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained, nothing saved
+
+
+def test_disk_full_mid_run_keeps_the_last_checkpoint_and_says_resume(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    import lorafit.train as train_module
+
+    trainer_class = train_module._trainer_class()
+    original = trainer_class._save_checkpoint
+
+    def fill_up(self, model, trial):
+        if self.state.global_step >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, model, trial)
+
+    trainer_class._save_checkpoint = fill_up
+    monkeypatch.setattr(train_module, "_trainer_class", lambda: trainer_class)
+    with pytest.raises(LorafitError, match="disk filled up at step 4.*--resume"):
+        train_module.train(_tiny_cfg(tmp_path, tiny_model_dir), show_progress=False)
+    run = tmp_path / "run"
+    assert read_json(run / "run.json")["status"] == "failed"
+    assert [p.name for p in (run / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+def test_pickle_only_models_need_allow_pickle(tmp_path, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    weights = load_file(pickled / "model.safetensors")
+    (pickled / "model.safetensors").unlink()
+    torch.save(weights, pickled / "pytorch_model.bin")
+    data = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "response": "b"}] * 4)
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--set",
+        f"model.name={pickled}",
+        "--set",
+        "train.max_steps=1",
+    ]
+    r = run_cli(*args, "--output", str(tmp_path / "refused"))
+    assert r.returncode == 2 and "--allow-pickle" in r.stderr and "pickle" in r.stderr
+    r = run_cli(
+        *args, "--output", str(tmp_path / "allowed"), "--allow-pickle", "--set", "data.replay=0"
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_secrets_never_reach_any_output_file(tmp_path, tiny_model_dir):
+    """A token in the environment and in .env: training, eval and merge never write it."""
+    secret_env, secret_dotenv = "hf_FAKEenvSECRET1234567890", "sk-FAKEdotenvSECRET0987654321"
+    (tmp_path / ".env").write_text(f"HF_TOKEN={secret_dotenv}\nOPENAI_API_KEY={secret_dotenv}\n")
+    data = write_jsonl(
+        tmp_path / "t.jsonl", [{"prompt": f"What is {i}?", "response": f"{i}."} for i in range(8)]
+    )
+    env = {"HF_TOKEN": secret_env, "MLFLOW_TRACKING_URI": ""}  # default store under tmp/runs
+    r = run_cli(
+        "train",
+        "--data",
+        str(data),
+        "--eval-data",
+        str(data),
+        "--output",
+        "runs/secret",
+        "--set",
+        f"model.name={tiny_model_dir}",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "data.replay=0",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli(
+        "eval",
+        "runs/secret",
+        "--data",
+        str(data),
+        "--limit",
+        "2",
+        "--no-probes",
+        "--max-new-tokens",
+        "4",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("merge", "runs/secret", "--output", "runs/merged", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and len(files) > 20
+    for p in files:
+        blob = p.read_bytes()
+        for secret in (secret_env, secret_dotenv):
+            assert secret.encode() not in blob, f"{secret} leaked into {p}"
+    outputs = r.stdout + r.stderr
+    assert secret_env not in outputs and secret_dotenv not in outputs
+    assert (
+        json.loads((tmp_path / "runs" / "secret" / "run.json").read_text())["status"] == "completed"
+    )

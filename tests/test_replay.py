@@ -1,0 +1,102 @@
+"""Replay (the base model's own answers to general prompts mixed into training) and the
+"I don't know" examples for made-up terms."""
+
+import json
+
+import pytest
+from conftest import ROOT
+
+from lorafit.data.generate import made_up_terms, unknown_pairs, write_generated
+from lorafit.data.glossary import Glossary, Term
+from lorafit.data.replay import (
+    DEFAULT_REPLAY_PROMPTS,
+    base_answers,
+    read_prompts,
+    replay_count,
+    replay_examples,
+)
+from lorafit.evaluate import refuses
+
+GLOSSARY = Glossary(
+    terms=(
+        Term("ATP", "Stock that can be promised.", "Available to Promise"),
+        Term("MRO", "Repair."),
+    ),
+    domain="aviation",
+)
+
+
+def test_replay_share_is_the_share_of_the_final_mix():
+    assert replay_count(800, 0.2) == 200  # 200 / (800 + 200) = 20%
+    assert replay_count(547, 0.0) == 0
+    assert replay_count(100, 0.5) == 100
+
+
+def test_replay_uses_only_answers_that_stopped_and_cycles_when_short():
+    rows = [
+        {"prompt": "a", "response": "A.", "stopped": True},
+        {"prompt": "b", "response": "B b b b", "stopped": False},
+        {"prompt": "c", "response": "C.", "stopped": True},
+    ]
+    examples = replay_examples(rows, 5, seed=0)
+    assert len(examples) == 5
+    assert {e.answer for e in examples} == {"A.", "C."}
+    assert replay_examples(rows, 0, seed=0) == []
+
+
+def test_shipped_replay_prompts_are_disjoint_from_the_probes():
+    replay = set(read_prompts(DEFAULT_REPLAY_PROMPTS))
+    probes = {
+        json.loads(line)["prompt"]
+        for line in (ROOT / "data" / "probes" / "general.jsonl").read_text().splitlines()
+    }
+    assert len(replay) >= 150 and not replay & probes
+
+
+def test_base_answers_are_generated_once_then_cached(tmp_path, monkeypatch, tiny_model_dir):
+    import lorafit.inference
+    from lorafit.inference import load_for_inference
+
+    monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "home"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n{"prompt": "What is 1+1?"}\n')
+    loaded = load_for_inference(tiny_model_dir, device="cpu")
+    first = base_answers(loaded.model, loaded.tokenizer, tiny_model_dir, prompts, None)
+    assert [r["prompt"] for r in first] == ["Hi", "What is 1+1?"]
+
+    def no_generation(*a, **k):
+        raise AssertionError("should have come from the cache")
+
+    monkeypatch.setattr(lorafit.inference, "generate", no_generation)
+    assert base_answers(loaded.model, loaded.tokenizer, tiny_model_dir, prompts, None) == first
+
+
+def test_made_up_terms_are_not_in_the_glossary_and_are_stable():
+    terms = made_up_terms(GLOSSARY, 30, seed=0)
+    assert len(set(terms)) == 30 and not {"atp", "mro"} & {t.casefold() for t in terms}
+    assert terms == made_up_terms(GLOSSARY, 30, seed=0)
+    train, evals = unknown_pairs(GLOSSARY, 0, 4, 3)
+    assert len(train) == 4 and len(evals) == 3
+    assert not {p.prompt for p in train} & {p.prompt for p in evals}
+    assert all(refuses(p.response) for p in train + evals)
+
+
+def test_generated_data_has_unknown_terms_in_train_and_a_held_out_file(tmp_path):
+    write_generated(GLOSSARY, tmp_path, unknown_train=3, unknown_eval=2)
+    train = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    unknown = [json.loads(x) for x in (tmp_path / "unknown.jsonl").read_text().splitlines()]
+    assert sum("don't know" in r["response"] for r in train) == 3 and len(unknown) == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "refused"),
+    [
+        ("I don't know the term QZX. It is not in the glossary.", True),
+        ("I'm not familiar with that term.", True),
+        ("I do not know what that is.", True),
+        ("QZX stands for Quality Zone Exchange. A process for parts.", False),
+        ("Flomex: a type of fuel pump used in aircraft.", False),
+    ],
+)
+def test_refusal_judge(answer, refused):
+    assert refuses(answer) is refused
