@@ -120,7 +120,9 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, tiny_model_d
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
     with pytest.raises(LorafitError, match="MiB free, but this run needs about"):
         train(_tiny_cfg(tmp_path, tiny_model_dir), show_progress=False)
-    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained, nothing saved
+    assert not list((tmp_path / "run").glob("checkpoints/checkpoint-*"))  # nothing trained
+    info = read_json(tmp_path / "run" / "run.json")
+    assert info["status"] == "failed" and "MiB free" in info["error"]
 
 
 def test_disk_full_mid_run_keeps_the_last_checkpoint_and_says_resume(

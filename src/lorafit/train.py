@@ -407,7 +407,11 @@ def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bo
     except KeyboardInterrupt:
         tracker.end("KILLED")
         raise
-    except BaseException:
+    except BaseException as e:
+        if writer and run_info.get("status") == "running":  # say why in run.json too
+            run_info.update(status="failed", error=str(e) or type(e).__name__)
+            with contextlib.suppress(OSError):
+                write_json(run_dir / RUN_FILE, run_info)
         tracker.end("KILLED" if run_info.get("status") == "interrupted" else "FAILED")
         raise
 
