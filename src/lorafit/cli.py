@@ -173,6 +173,17 @@ def train(
             "code: only for files you trust.",
         ),
     ] = False,
+    auto_fit: Annotated[
+        bool,
+        typer.Option(
+            "--auto-fit",
+            help="If the estimate exceeds --gpu-memory, apply the first setting change that fits.",
+        ),
+    ] = False,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option("--gpu-memory", help="Memory budget for --auto-fit, e.g. 4GiB."),
+    ] = None,
     nproc: Annotated[
         int | None,
         typer.Option(
@@ -214,12 +225,49 @@ def train(
             "model.allow_pickle": True if allow_pickle else None,
         },
     )
+    if auto_fit:
+        cfg = _auto_fit(cfg, gpu_memory)
     run_dir = run_train(cfg, overwrite=overwrite, resume=resume)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
     console.print(
         f"[green]done[/]: adapter and metrics in [bold]{run_dir}[/] (loss curve: {run_dir / 'loss.png'})"
     )
+
+
+def _auto_fit(cfg, gpu_memory: str | None):
+    from lorafit.errors import LorafitError
+    from lorafit.estimate import (
+        apply,
+        check_budget,
+        estimate,
+        load_shape,
+        longest_row,
+        parse_bytes,
+        proposals,
+    )
+    from lorafit.model import best_device
+
+    if not gpu_memory:
+        raise LorafitError("--auto-fit needs --gpu-memory (the budget to fit), e.g. 4GiB")
+    shape, dtype = load_shape(cfg)
+    seq = longest_row(cfg)
+    device, budget = best_device(), parse_bytes(gpu_memory)
+    if check_budget(estimate(cfg, shape, device, dtype, seq), budget).fits:
+        console.print(f"[green]estimate fits {gpu_memory}[/]: settings unchanged")
+        return cfg
+    fixes = proposals(cfg, shape, device, budget, dtype, seq)
+    if not fixes:
+        raise LorafitError(
+            f"no setting change lorafit knows makes this run fit {gpu_memory}; see `lorafit "
+            "estimate` for the breakdown (a smaller model or more memory is needed)"
+        )
+    change = fixes[0]["set"]
+    console.print(
+        f"[yellow]auto-fit[/]: {', '.join(f'{k}={v}' for k, v in change.items())} "
+        f"(estimated peak {fixes[0]['peak_bytes'] / 2**30:.2f} GiB <= {gpu_memory})"
+    )
+    return apply(cfg, change)
 
 
 @app.command("eval")
@@ -401,6 +449,66 @@ def demo(
     console.print(f"report: {out / 'report.html'} (also {out / 'report.md'})")
     console.print(f"run: {result.run_dir}  merged model: {result.merged_dir}")
     console.print(f'try it: [bold]lorafit ask {result.merged_dir} "What is ATP?"[/]')
+
+
+@app.command()
+def estimate(
+    config: ConfigArg = None,
+    sets: SetOpt = None,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option("--gpu-memory", help="Budget to check against, e.g. 4GiB (GPU, else RAM)."),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cuda or cpu (default: what this machine has).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Predict peak GPU memory and CPU RAM of a training run from the model's config alone,
+    broken down (weights, LoRA + optimizer, activations, logits, overhead); with --gpu-memory,
+    say whether it fits and which settings would."""
+    import json as json_module
+
+    from lorafit.estimate import check_budget, load_shape, longest_row, parse_bytes, proposals
+    from lorafit.estimate import estimate as run_estimate
+    from lorafit.model import best_device
+
+    cfg = _config(config, sets)
+    shape, dtype = load_shape(cfg)
+    seq = longest_row(cfg)
+    dev = device or best_device()
+    budget = parse_bytes(gpu_memory) if gpu_memory else None
+    e = check_budget(run_estimate(cfg, shape, dev, dtype, seq), budget)
+    fixes = proposals(cfg, shape, dev, budget, dtype, seq) if budget and not e.fits else []
+    if as_json:
+        print(json_module.dumps({**e.to_dict(), "proposals": fixes}, indent=1))
+        return
+    gib = 2**30
+    table = Table(title=f"estimated peak memory: {cfg.model.name} on {dev}")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for name, value in (
+        (f"weights ({cfg.model.quantization})", e.weights_bytes),
+        (f"LoRA {e.lora_params / 1e6:.1f}M params + grads + AdamW", e.lora_bytes),
+        (f"activations ({e.tokens_per_step} tokens/step)", e.activation_bytes),
+        ("logits", e.logits_bytes),
+        ("overhead", e.overhead_bytes),
+    ):
+        table.add_row(name, f"{value / gib:.2f}")
+    if dev == "cuda":
+        table.add_row("[bold]GPU peak[/]", f"[bold]{e.gpu_peak_bytes / gib:.2f}[/]")
+    table.add_row("[bold]CPU RAM peak[/]", f"[bold]{e.cpu_peak_bytes / gib:.2f}[/]")
+    console.print(table)
+    for note in e.notes:
+        console.print(f"[dim]{note}[/]")
+    if budget is not None:
+        verdict = "[green]fits[/]" if e.fits else "[red]does not fit[/]"
+        console.print(f"{verdict} in {budget / gib:.2f} GiB")
+        for fix in fixes[:3]:
+            sets_text = " ".join(f"--set {k}={v}" for k, v in fix["set"].items())
+            console.print(f"  would fit ({fix['peak_bytes'] / gib:.2f} GiB): {sets_text}")
+        if fixes:
+            console.print("  or: lorafit train ... --auto-fit --gpu-memory " + gpu_memory)
 
 
 @export_app.command("gguf")
