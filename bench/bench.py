@@ -203,8 +203,10 @@ def run_trl_recommended(work: Path, train: Path, evals: Path, epochs: float) -> 
     )
     peft = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer, runtime, loss = _trl_train(dataset, tok, model, peft, args)
-    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * epochs
-    answers = sum(sum(m) for m in trainer.train_dataset["completion_mask"]) * epochs
+    data = trainer.train_dataset
+    tokens = sum(len(x) for x in data["input_ids"]) * epochs
+    # TRL folds the completion mask into labels (-100 on the prompt)
+    answers = sum(sum(label != -100 for label in row) for row in data["labels"]) * epochs
 
     def fmt(q):
         return tok.apply_chat_template(

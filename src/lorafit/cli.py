@@ -83,9 +83,13 @@ def data_generate(
     per_term: Annotated[int, typer.Option(help="Training phrasings per term (>= 8).", min=1)] = 8,
     eval_per_term: Annotated[int, typer.Option(help="Held-out phrasings per term.", min=1)] = 3,
     unknown: Annotated[
-        int,
-        typer.Option(help="Train questions about made-up terms, answered 'I don't know'.", min=0),
-    ] = 16,
+        int | None,
+        typer.Option(
+            help="Train questions about made-up terms, answered 'I don't know' "
+            "(default: one per glossary term).",
+            min=0,
+        ),
+    ] = None,
     unknown_eval: Annotated[
         int, typer.Option(help="Held-out made-up terms (unknown.jsonl) for eval --unknown.", min=0)
     ] = 12,
@@ -95,6 +99,7 @@ def data_generate(
     from lorafit.data.glossary import load_glossary
 
     g = load_glossary(glossary)
+    unknown = len(g.terms) if unknown is None else unknown
     train, evals, n_train, n_eval = write_generated(
         g,
         out,

@@ -87,6 +87,12 @@ class DataSection(_Section):
         "model's own answers to data/replay/general.jsonl), so the tuned model keeps its general "
         "abilities; 0 turns it off.",
     )
+    unknown_terms: int | None = Field(
+        None,
+        ge=0,
+        description="Made-up terms answered 'I don't know' in data generated from a glossary "
+        "(teaches the model not to invent entries); default: one per glossary term.",
+    )
     replay_prompts: str | None = Field(
         None, description="JSONL of {prompt} for replay (default: the shipped general set)."
     )

@@ -81,8 +81,12 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         raise LorafitError("the demo config needs data.glossary (a glossary file)")
     glossary = load_glossary(config.data.glossary)
     data_dir = output / "data"
+    unknown = config.data.unknown_terms
     train_path, eval_path, n_train, n_eval = write_generated(
-        glossary, data_dir, seed=config.data.seed
+        glossary,
+        data_dir,
+        seed=config.data.seed,
+        unknown_train=len(glossary.terms) if unknown is None else unknown,
     )
     say(
         f"[bold]1/4 data[/]: {len(glossary.terms)} terms -> {n_train} train / {n_eval} held-out "

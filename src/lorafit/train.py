@@ -182,7 +182,15 @@ def _replay(config: Config, model, tokenizer, model_dir: Path, domain_rows: int)
     prompts_file = Path(config.data.replay_prompts or DEFAULT_REPLAY_PROMPTS)
     if not prompts_file.is_file():
         raise LorafitError(f"data.replay_prompts: {prompts_file} does not exist")
-    answers = base_answers(model, tokenizer, model_dir, prompts_file, config.data.system_prompt)
+    answers = base_answers(
+        model,
+        tokenizer,
+        model_dir,
+        prompts_file,
+        config.data.system_prompt,
+        needed=count,
+        seed=config.data.seed,
+    )
     examples = replay_examples(answers, count, config.data.seed)
     rows, _ = tokenize_all(tokenizer, examples, config.data.max_length, config.data.system_prompt)
     usable = sum(a["stopped"] for a in answers)

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REPLAY_PROMPTS = Path(__file__).resolve().parents[3] / "data" / "replay" / "general.jsonl"
 REPLAY_MAX_NEW_TOKENS = 96
+BATCH = 48
 
 
 def replay_count(domain_rows: int, share: float) -> int:
@@ -52,29 +53,50 @@ def _cache_file(model_dir: Path, prompts_file: Path, system_prompt: str | None) 
 
 
 def base_answers(
-    model, tokenizer, model_dir: Path, prompts_file: Path, system_prompt: str | None
+    model,
+    tokenizer,
+    model_dir: Path,
+    prompts_file: Path,
+    system_prompt: str | None,
+    needed: int | None = None,
+    seed: int = 0,
 ) -> list[dict]:
-    """The base model's greedy answers to every replay prompt (cached)."""
-    cache = _cache_file(model_dir, prompts_file, system_prompt)
-    if cache.is_file():
-        return [json.loads(line) for line in cache.read_text().splitlines() if line]
+    """The base model's greedy answers to replay prompts, in a seeded order, cached.
+
+    Prompts are answered in batches until ``needed`` answers ended by themselves (all of them
+    when ``needed`` is None); a later run that needs more extends the same cache.
+    """
     from lorafit.inference import chat_prompt, generate
 
-    prompts = read_prompts(prompts_file)
-    log.info("replay: the base model answers %d general prompts (once, cached)", len(prompts))
-    answers = generate(
-        model,
-        tokenizer,
-        [chat_prompt(p, system_prompt) for p in prompts],
-        max_new_tokens=REPLAY_MAX_NEW_TOKENS,
-    )
-    rows = [
-        {"prompt": p, "response": text, "stopped": stopped}
-        for p, (text, stopped) in zip(prompts, answers, strict=True)
-    ]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(cache, rows)
-    return rows
+    cache = _cache_file(model_dir, prompts_file, system_prompt)
+    known = {}
+    if cache.is_file():
+        known = {r["prompt"]: r for r in map(json.loads, cache.read_text().splitlines()) if r}
+    order = read_prompts(prompts_file)
+    random.Random(f"replay:{seed}").shuffle(order)
+
+    def usable() -> int:
+        return sum(known[p]["stopped"] for p in order if p in known)
+
+    todo = [p for p in order if p not in known]
+    if todo and (needed is None or usable() < needed):
+        log.info("replay: the base model answers general prompts (cached for next time)")
+    for start in range(0, len(todo), BATCH):
+        if needed is not None and usable() >= needed:
+            break
+        batch = todo[start : start + BATCH]
+        answers = generate(
+            model,
+            tokenizer,
+            [chat_prompt(p, system_prompt) for p in batch],
+            max_new_tokens=REPLAY_MAX_NEW_TOKENS,
+            batch_size=BATCH,
+        )
+        for p, (text, stopped) in zip(batch, answers, strict=True):
+            known[p] = {"prompt": p, "response": text, "stopped": stopped}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(cache, list(known.values()))
+    return [known[p] for p in order if p in known]
 
 
 def replay_examples(rows: list[dict], count: int, seed: int) -> list[Example]:
