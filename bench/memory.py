@@ -30,11 +30,11 @@ CONFIGS = [
 
 def rows(length: int) -> list[dict]:
     """Questions and answers of about length/2 tokens each (so rows fill max_length)."""
-    words = max(4, length // 2)
+    words = max(4, length // 2)  # ~1 token per word: the prompt takes ~half, the answer the rest
     return [
         {
-            "prompt": f"Question {i}: " + " ".join(f"alpha{j % 7}" for j in range(words)),
-            "response": f"Answer {i}: " + " ".join(f"beta{j % 5}" for j in range(words)),
+            "prompt": f"Question {i}: " + "alpha " * (words - 20),
+            "response": f"Answer {i}: " + "beta " * words,
         }
         for i in range(24)
     ]
