@@ -227,3 +227,48 @@ def test_secrets_never_reach_any_output_file(tmp_path, tiny_model_dir):
     assert (
         json.loads((tmp_path / "runs" / "secret" / "run.json").read_text())["status"] == "completed"
     )
+
+
+def test_non_finite_loss_stops_with_the_step_and_a_lower_lr_hint(tmp_path, tiny_model_dir):
+    from lorafit.train import train
+
+    cfg = _tiny_cfg(tmp_path, tiny_model_dir, **{"train.lr": 1e12, "train.max_steps": 12})
+    with pytest.raises(LorafitError, match=r"at step \d+.*Lower train.lr"):
+        train(cfg, show_progress=False)
+    info = read_json(tmp_path / "run" / "run.json")
+    assert info["status"] == "failed" and "at step" in info["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_training_on_cpu_learns_and_merges_with_parity(tmp_path, quantization):
+    """bitsandbytes 4-bit NF4 / 8-bit base on CPU: the loss falls, the merge (into the
+    full-precision base) passes its parity check."""
+    from lorafit.config import load_config
+    from lorafit.merge import merge
+    from lorafit.train import train
+
+    rows = [
+        {"prompt": f"What is code Z{i}?", "response": f"Z{i} is part number {i}."} for i in range(8)
+    ]
+    data = write_jsonl(tmp_path / "q.jsonl", rows)
+    sets = {
+        "data.train": str(data),
+        "data.replay": 0,
+        "model.quantization": quantization,
+        "train.max_steps": 8,
+        "train.batch_size": 4,
+        "train.grad_accumulation": 1,
+        "train.lr": 2e-3,
+        "tracking.enabled": False,
+        "output_dir": str(tmp_path / "run"),
+    }
+    run = train(load_config(None, [f"{k}={v}" for k, v in sets.items()]), show_progress=False)
+    losses = [
+        json.loads(x)["loss"]
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(x)
+    ]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 * 0.8, losses
+    report = merge(run, tmp_path / "merged")
+    assert report["parity_ok"]
