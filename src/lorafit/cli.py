@@ -85,8 +85,7 @@ def data_generate(
     unknown: Annotated[
         int | None,
         typer.Option(
-            help="Train questions about made-up terms, answered 'I don't know' "
-            "(default: one per glossary term).",
+            help="Train questions about made-up terms, answered 'I don't know' (default 16).",
             min=0,
         ),
     ] = None,
@@ -95,11 +94,11 @@ def data_generate(
     ] = 12,
 ) -> None:
     """Generate question/answer pairs from a glossary: every term in train, held-out paraphrases in eval."""
-    from lorafit.data.generate import write_generated
+    from lorafit.data.generate import UNKNOWN_TERMS, write_generated
     from lorafit.data.glossary import load_glossary
 
     g = load_glossary(glossary)
-    unknown = len(g.terms) if unknown is None else unknown
+    unknown = UNKNOWN_TERMS if unknown is None else unknown
     train, evals, n_train, n_eval = write_generated(
         g,
         out,

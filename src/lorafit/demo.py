@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit.config import Config
-from lorafit.data.generate import write_generated
+from lorafit.data.generate import UNKNOWN_TERMS, write_generated
 from lorafit.data.glossary import load_glossary
 from lorafit.errors import LorafitError
 from lorafit.rundir import write_json
@@ -86,7 +86,7 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         glossary,
         data_dir,
         seed=config.data.seed,
-        unknown_train=len(glossary.terms) if unknown is None else unknown,
+        unknown_train=UNKNOWN_TERMS if unknown is None else unknown,
     )
     say(
         f"[bold]1/4 data[/]: {len(glossary.terms)} terms -> {n_train} train / {n_eval} held-out "

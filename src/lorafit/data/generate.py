@@ -114,6 +114,9 @@ def generate_pairs(
     return train, evals
 
 
+# Measured on the demo: 16 made-up terms keep held-out accuracy (97.1%) but do not yet stop the
+# model inventing entries for other made-up terms; more is untested.
+UNKNOWN_TERMS = 16
 _CONSONANTS = "BCDFGHJKLMNPQRSTVWXZ"
 _SYLLABLES = ("zor", "vex", "tul", "mib", "quar", "fen", "dro", "plix", "sau", "kem", "yth", "brun")
 
@@ -161,7 +164,7 @@ def write_generated(
     glossary: Glossary,
     out_dir: str | Path,
     seed: int = 0,
-    unknown_train: int = 16,
+    unknown_train: int = UNKNOWN_TERMS,
     unknown_eval: int = 12,
     **kwargs,
 ) -> tuple[Path, Path, int, int]:
