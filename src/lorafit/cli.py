@@ -85,7 +85,8 @@ def data_generate(
     unknown: Annotated[
         int | None,
         typer.Option(
-            help="Train questions about made-up terms, answered 'I don't know' (default 16).",
+            help="Train questions about made-up terms, answered 'I don't know' "
+            "(default 16, at most one per glossary term).",
             min=0,
         ),
     ] = None,
@@ -98,7 +99,8 @@ def data_generate(
     from lorafit.data.glossary import load_glossary
 
     g = load_glossary(glossary)
-    unknown = UNKNOWN_TERMS if unknown is None else unknown
+    # at most one made-up term per real one: a small glossary must not be mostly refusals
+    unknown = min(UNKNOWN_TERMS, len(g.terms)) if unknown is None else unknown
     train, evals, n_train, n_eval = write_generated(
         g,
         out,

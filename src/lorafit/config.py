@@ -91,7 +91,7 @@ class DataSection(_Section):
         None,
         ge=0,
         description="Made-up terms answered 'I don't know' in data generated from a glossary "
-        "(teaches the model not to invent entries); default 16.",
+        "(teaches the model not to invent entries); default 16, at most one per term.",
     )
     replay_prompts: str | None = Field(
         None, description="JSONL of {prompt} for replay (default: the shipped general set)."

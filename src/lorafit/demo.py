@@ -86,7 +86,7 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         glossary,
         data_dir,
         seed=config.data.seed,
-        unknown_train=UNKNOWN_TERMS if unknown is None else unknown,
+        unknown_train=min(UNKNOWN_TERMS, len(glossary.terms)) if unknown is None else unknown,
     )
     say(
         f"[bold]1/4 data[/]: {len(glossary.terms)} terms -> {n_train} train / {n_eval} held-out "
