@@ -30,6 +30,9 @@ def pipeline(tmp_path_factory):
         "train.batch_size=8",
         "--set",
         "train.grad_accumulation=1",
+        # replay is covered by its own tests; here it would only add CI minutes
+        "--set",
+        "data.replay=0",
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp
