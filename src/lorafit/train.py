@@ -436,8 +436,10 @@ def _start_tracking(config: Config, run_dir: Path, run_info: dict, resume: bool)
     if previous.get("run_id") and previous.get("uri") == tracker.uri:
         tracker.attach(previous["run_id"])
     else:
+        # `lorafit demo` names every run dir "run": qualify it with the demo's directory
+        name = run_dir.name if run_dir.name != "run" else f"{run_dir.resolve().parent.name}-run"
         tracker.start(
-            run_dir.name,
+            name,
             {
                 "lorafit.run_dir": str(run_dir.resolve()),
                 "lorafit.base_model": config.model.name,
