@@ -319,27 +319,13 @@ def eval_cmd(
 
 
 def _print_metrics(m: dict) -> None:
+    from lorafit.evaluate import METRIC_COLUMNS, metric_cells
+
     table = Table(title=f"held-out evaluation ({m['n']} prompts)")
-    for col in (
-        "model",
-        "accuracy",
-        "ROUGE-L",
-        "stops by itself",
-        "general ability",
-        "invents unknown terms",
-    ):
+    for col in METRIC_COLUMNS:
         table.add_column(col)
     for name in ("base", "tuned"):
-        general = m[name].get("general_accuracy")
-        invented = m[name].get("invented_rate")
-        table.add_row(
-            name,
-            f"{m[name]['accuracy']:.1%}",
-            f"{m[name]['rouge_l']:.3f}",
-            f"{m[name]['stop_rate']:.1%}",
-            "not run" if general is None else f"{general:.1%}",
-            "not run" if invented is None else f"{invented:.1%}",
-        )
+        table.add_row(*metric_cells(name, m[name]))
     console.print(table)
     if m.get("general_regressions"):
         console.print(

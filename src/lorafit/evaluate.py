@@ -185,24 +185,39 @@ def score(rows: list[dict], key: str) -> dict[str, float]:
     }
 
 
+METRIC_COLUMNS = (
+    "model",
+    "held-out accuracy",
+    "ROUGE-L",
+    "stops by itself",
+    "general ability",
+    "invents unknown terms",
+)
+
+
+def metric_cells(name: str, m: dict) -> list[str]:
+    """One model's row of the metrics table (report.md, report.html and the CLI share it)."""
+
+    def pct(key: str) -> str:
+        return f"{m[key]:.1%}" if key in m else "not run"
+
+    return [name, pct("accuracy"), f"{m['rouge_l']:.3f}", pct("stop_rate")] + [
+        pct("general_accuracy"),
+        pct("invented_rate"),
+    ]
+
+
 def _report_md(metrics: dict, rows: list[dict], probe_rows: list[dict], limit: int = 30) -> str:
     lines = [
         "# lorafit evaluation",
         "",
         f"{metrics['n']} held-out prompts.",
         "",
-        "| model | accuracy | ROUGE-L | stops by itself | general ability (probes) "
-        "| invents unknown terms |",
-        "|---|---|---|---|---|---|",
+        "| " + " | ".join(METRIC_COLUMNS) + " |",
+        "|---" * len(METRIC_COLUMNS) + "|",
     ]
     for name in ("base", "tuned"):
-        m = metrics[name]
-        general = f"{m['general_accuracy']:.1%}" if "general_accuracy" in m else "not run"
-        invented = f"{m['invented_rate']:.1%}" if "invented_rate" in m else "not run"
-        lines.append(
-            f"| {name} | {m['accuracy']:.1%} | {m['rouge_l']:.3f} | {m['stop_rate']:.1%} "
-            f"| {general} | {invented} |"
-        )
+        lines.append("| " + " | ".join(metric_cells(name, metrics[name])) + " |")
     if probe_rows:
         regressed = [r for r in probe_rows if r["base_correct"] and not r["tuned_correct"]]
         lines += ["", f"## General-ability regressions: {len(regressed)} of {len(probe_rows)}", ""]

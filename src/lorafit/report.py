@@ -30,6 +30,7 @@ def _mark(ok: bool) -> str:
 
 
 def render(metrics: dict, rows: list[dict], probe_rows: list[dict], run_dir: Path) -> str:
+    from lorafit.evaluate import METRIC_COLUMNS, metric_cells  # evaluate imports this module
     from lorafit.plots import plot_comparison
 
     esc = html.escape
@@ -43,17 +44,12 @@ def render(metrics: dict, rows: list[dict], probe_rows: list[dict], run_dir: Pat
         "<h1>lorafit evaluation</h1>",
         f"<p class='sub'>run <code>{esc(str(run_dir))}</code> · {metrics['n']} held-out prompts "
         f"from <code>{esc(str(metrics.get('data', '')))}</code> · judge: {esc(metrics['judge'])}</p>",
-        "<table><tr><th>model</th><th>held-out accuracy</th><th>ROUGE-L</th>"
-        "<th>stops by itself</th><th>general ability</th><th>invents unknown terms</th></tr>",
+        "<table><tr>" + "".join(f"<th>{c}</th>" for c in METRIC_COLUMNS) + "</tr>",
     ]
     for name in ("base", "tuned"):
-        m = metrics[name]
-        general = f"{m['general_accuracy']:.1%}" if "general_accuracy" in m else "not run"
-        invented = f"{m['invented_rate']:.1%}" if "invented_rate" in m else "not run"
+        model, *cells = metric_cells(name, metrics[name])
         parts.append(
-            f"<tr><td>{name}</td><td class='num'>{m['accuracy']:.1%}</td>"
-            f"<td class='num'>{m['rouge_l']:.3f}</td><td class='num'>{m['stop_rate']:.1%}</td>"
-            f"<td class='num'>{general}</td><td class='num'>{invented}</td></tr>"
+            f"<tr><td>{model}</td>" + "".join(f"<td class='num'>{c}</td>" for c in cells) + "</tr>"
         )
     parts.append("</table><div class='figs'>" + "".join(figures) + "</div>")
     regressed = [r for r in probe_rows if r["base_correct"] and not r["tuned_correct"]]
