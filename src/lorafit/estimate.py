@@ -25,7 +25,9 @@ from typing import Any
 from lorafit.config import Config
 
 GiB = 2**30
-CPU_PROCESS_BYTES = 0.9 * GiB  # python + torch + transformers + trl + peft + datasets, measured 0.8-1.0
+CPU_PROCESS_BYTES = (
+    0.9 * GiB
+)  # python + torch + transformers + trl + peft + datasets, measured 0.8-1.0
 CUDA_CONTEXT_BYTES = 0.45 * GiB  # CUDA context + cuBLAS workspace (outside the allocator)
 ALLOCATOR_SLACK = 1.10  # caching allocator / fragmentation
 ANSWER_SHARE = 0.45  # share of positions that are answer tokens in chat-formatted Q/A data
