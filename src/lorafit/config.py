@@ -107,12 +107,12 @@ class TrainSection(_Section):
     )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (LoRA tolerates high rates).")
     batch_size: int = Field(
-        4,
+        8,
         gt=0,
-        description="Examples per forward pass (per device). Measured: 4 x 4 trains as "
-        "fast as 8 x 2 on a 2-core CPU with 0.6 GiB less peak memory.",
+        description="Examples per forward pass (per device). Measured on a 2-core CPU with "
+        "the shared prefix: 8 x 2 trains 12% faster than 4 x 4 at the same peak memory.",
     )
-    grad_accumulation: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
+    grad_accumulation: int = Field(2, gt=0, description="Micro-batches per optimizer step.")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps warming up.")
     weight_decay: float = Field(0.0, ge=0.0)
@@ -129,6 +129,12 @@ class TrainSection(_Section):
         True,
         description="Pack each batch into one row with position ids instead of padding: "
         "no compute wasted on pad tokens; examples still cannot attend to each other.",
+    )
+    shared_prefix: bool = Field(
+        True,
+        description="Run the prefix every packed row shares (system prompt, start of the "
+        "user turn) once per batch instead of once per row; same loss and gradients, "
+        "checked on the first batch. Needs padding_free and no gradient checkpointing.",
     )
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")

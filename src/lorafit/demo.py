@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class DemoResult:
     merge: dict
     samples: list[dict]
     seed_questions: list[dict]
+    timings: dict[str, float]
 
 
 def ask_seed_questions(model_dir: Path, glossary, max_new_tokens: int = 64) -> list[dict]:
@@ -73,9 +75,18 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
     from lorafit.merge import merge
     from lorafit.train import train
 
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
     def say(msg: str) -> None:
         if console is not None:
             console.print(msg)
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        timings[stage] = round(now - clock[0], 1)
+        clock[0] = now
+        say(f"    [dim]{stage} took {timings[stage]:.0f} s[/]")
 
     if not config.data.glossary:
         raise LorafitError("the demo config needs data.glossary (a glossary file)")
@@ -92,6 +103,7 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         f"[bold]1/4 data[/]: {len(glossary.terms)} terms -> {n_train} train / {n_eval} held-out "
         f"prompts in {data_dir}"
     )
+    lap("data")
     config.data.train, config.data.eval = str(train_path), str(eval_path)
     config.output_dir = str(output / "run")
     say(
@@ -99,6 +111,7 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         f"{config.train.epochs:g} epochs, lr {config.train.lr:g}"
     )
     run_dir = train(config, overwrite=overwrite)
+    lap("train")
     gc.collect()  # the trainer holds reference cycles: drop its model before the next stage
     say(f"[bold]3/4 eval[/]: base vs tuned on {n_eval} held-out phrasings")
     metrics = evaluate(
@@ -109,14 +122,19 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         limit=config.eval.limit,
         unknown=data_dir / "unknown.jsonl" if (data_dir / "unknown.jsonl").is_file() else None,
     )
+    lap("eval")
     gc.collect()
     say("[bold]4/4 merge[/]")
     merged_dir = output / "merged"
     merge_report = merge(run_dir, merged_dir, overwrite=overwrite)
+    lap("merge")
     pred_file = Path(metrics["output"]) / "predictions.jsonl"
     gc.collect()
     rows = [json.loads(line) for line in pred_file.read_text().splitlines()]
     samples = rows[:: max(1, len(rows) // 6)][:6]
     seed = ask_seed_questions(merged_dir, glossary, config.eval.max_new_tokens)
     write_json(output / "seed_questions.json", seed)
-    return DemoResult(run_dir, merged_dir, metrics, merge_report, samples, seed)
+    lap("seed_questions")
+    timings["total"] = round(sum(timings.values()), 1)
+    write_json(output / "timings.json", timings)
+    return DemoResult(run_dir, merged_dir, metrics, merge_report, samples, seed, timings)

@@ -108,10 +108,7 @@ def refuses(answer: str) -> bool:
     return any(marker in text for marker in REFUSAL_MARKERS)
 
 
-def run_unknown(loaded, examples, max_new_tokens: int, batch_size: int, progress=None):
-    """Questions about made-up terms: (rows, base invented rate, tuned invented rate)."""
-    prompts = [with_system(e, loaded.system_prompt) for e in examples]
-    base, tuned = answer_both(loaded, prompts, max_new_tokens, batch_size, progress)
+def unknown_rows(examples, base, tuned):
     rows = [
         {
             "prompt": e.prompt[-1]["content"],
@@ -141,20 +138,32 @@ def read_probes(path: str | Path) -> list[dict]:
     return rows
 
 
-def answer_both(loaded, prompts, max_new_tokens: int, batch_size: int, progress=None):
-    """Greedy answers from the base model (adapter disabled) and the tuned model."""
-    with loaded.model.disable_adapter():
-        base = generate(
-            loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress
-        )
-    tuned = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress)
-    return base, tuned
+def answer_sets(loaded, jobs: list[tuple[list, int]], batch_size: int, progress=None):
+    """[(base answers, tuned answers)] for each (prompts, max_new_tokens) job.
+
+    Every base answer comes first (adapter disabled); the tuned answers then run with the
+    adapter merged into the weights, which generates faster than LoRA's extra matmuls per
+    layer. Quantized bases keep the adapter separate (merging into 4/8-bit weights is lossy).
+    """
+    model, tok = loaded.model, loaded.tokenizer
+    with model.disable_adapter():
+        base = [generate(model, tok, p, n, batch_size, progress) for p, n in jobs]
+    inner = model.get_base_model()
+    quantized = getattr(inner, "hf_quantizer", None) is not None or any(
+        getattr(inner, f"is_loaded_in_{bits}bit", False) for bits in (4, 8)
+    )
+    merge = not quantized
+    if merge:
+        model.merge_adapter()
+    try:
+        tuned = [generate(model, tok, p, n, batch_size, progress) for p, n in jobs]
+    finally:
+        if merge:
+            model.unmerge_adapter()
+    return list(zip(base, tuned, strict=True))
 
 
-def run_probes(loaded, probes: list[dict], max_new_tokens: int, batch_size: int, progress=None):
-    """Answer the probes with base and tuned model: (rows, base accuracy, tuned accuracy)."""
-    prompts = [chat_prompt(p["prompt"], loaded.system_prompt) for p in probes]
-    base, tuned = answer_both(loaded, prompts, max_new_tokens, batch_size, progress)
+def probe_rows(probes: list[dict], base, tuned):
     rows = []
     for p, (b, _), (t, _) in zip(probes, base, tuned, strict=True):
         rows.append(
@@ -264,7 +273,20 @@ def evaluate(
     dataset = read_dataset(data)
     examples = dataset.examples[:limit] if limit else dataset.examples
     prompts = [with_system(e, loaded.system_prompt) for e in examples]
-    base, tuned = answer_both(loaded, prompts, max_new_tokens, batch_size, progress)
+    jobs = [(prompts, max_new_tokens)]
+    probes_path = probes
+    probes = read_probes(probes) if probes is not None and Path(probes).is_file() else None
+    if probes:
+        jobs.append(
+            ([chat_prompt(p["prompt"], loaded.system_prompt) for p in probes], PROBE_MAX_NEW_TOKENS)
+        )
+    unknown_examples = read_dataset(unknown).examples if unknown is not None else None
+    if unknown_examples:
+        jobs.append(
+            ([with_system(e, loaded.system_prompt) for e in unknown_examples], max_new_tokens)
+        )
+    answers = answer_sets(loaded, jobs, batch_size, progress)
+    base, tuned = answers.pop(0)
     rows = []
     for e, (b, b_stop), (t, t_stop) in zip(examples, base, tuned, strict=True):
         question = e.prompt[-1]["content"]
@@ -289,30 +311,28 @@ def evaluate(
     }
     out = Path(output) if output else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    probe_rows: list[dict] = []
-    if probes is not None and Path(probes).is_file():
-        probe_rows, base_general, tuned_general = run_probes(
-            loaded, read_probes(probes), PROBE_MAX_NEW_TOKENS, batch_size, progress
-        )
+    probe_table: list[dict] = []
+    if probes:
+        probe_table, base_general, tuned_general = probe_rows(probes, *answers.pop(0))
         metrics["base"]["general_accuracy"] = base_general
         metrics["tuned"]["general_accuracy"] = tuned_general
         metrics["general_regressions"] = [
-            r["prompt"] for r in probe_rows if r["base_correct"] and not r["tuned_correct"]
+            r["prompt"] for r in probe_table if r["base_correct"] and not r["tuned_correct"]
         ]
-        metrics["probes"] = str(probes)
-        write_jsonl(out / "probe_predictions.jsonl", probe_rows)
-    if unknown is not None:
-        unknown_rows, base_invented, tuned_invented = run_unknown(
-            loaded, read_dataset(unknown).examples, max_new_tokens, batch_size, progress
+        metrics["probes"] = str(probes_path)
+        write_jsonl(out / "probe_predictions.jsonl", probe_table)
+    if unknown_examples:
+        unknown_table, base_invented, tuned_invented = unknown_rows(
+            unknown_examples, *answers.pop(0)
         )
         metrics["base"]["invented_rate"] = base_invented
         metrics["tuned"]["invented_rate"] = tuned_invented
-        metrics["unknown"] = {"data": str(unknown), "n": len(unknown_rows)}
-        write_jsonl(out / "unknown_predictions.jsonl", unknown_rows)
+        metrics["unknown"] = {"data": str(unknown), "n": len(unknown_table)}
+        write_jsonl(out / "unknown_predictions.jsonl", unknown_table)
     write_jsonl(out / "predictions.jsonl", rows)
     write_json(out / "metrics.json", metrics)
-    (out / "report.md").write_text(_report_md(metrics, rows, probe_rows))
-    (out / "report.html").write_text(render_html(metrics, rows, probe_rows, run_dir))
+    (out / "report.md").write_text(_report_md(metrics, rows, probe_table))
+    (out / "report.html").write_text(render_html(metrics, rows, probe_table, run_dir))
     _track(run_dir, metrics, out)
     metrics["output"] = str(out)
     return metrics

@@ -5,6 +5,13 @@ but only answer positions have labels. ``answer_only_loss`` runs the backbone, t
 head on the labelled positions alone: the same loss as the model's own, for fewer FLOPs and
 far smaller logits. Measured on a 2-core CPU it beat both the model's own loss and TRL's
 tiled fused head (bench/ has the numbers).
+
+Rows of one packed batch usually open with the same tokens: the chat template's system
+prompt and the start of the user turn, about a third of a short glossary question. With
+``shared_prefix`` that prefix runs through the backbone once per batch instead of once per
+row; each row then attends to its keys and values as a cache. Gradients flow through the
+cache, so loss and gradients are the same as without sharing (a test compares them), for
+fewer FLOPs.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a second backbone call
 
 
 def _causal_lm(model):
@@ -27,15 +35,7 @@ def _causal_lm(model):
             return inner
 
 
-def answer_only_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.Tensor, int]:
-    """(loss, number of labelled tokens). Sum over answer tokens / ``num_items_in_batch``."""
-    labels = inputs["labels"]
-    lm = _causal_lm(model)
-    backbone = getattr(lm, lm.base_model_prefix)
-    kwargs = {
-        k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")
-    }
-    hidden = backbone(**kwargs, use_cache=False).last_hidden_state
+def _head_loss(lm, hidden, labels, num_items_in_batch) -> tuple[torch.Tensor, int]:
     targets = labels[:, 1:]
     mask = targets != IGNORE
     picked = hidden[:, :-1][mask]
@@ -46,3 +46,80 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torc
     if isinstance(denom, torch.Tensor):
         denom = denom.to(total.device).clamp(min=1)
     return total / denom, count
+
+
+def shared_prefix_length(input_ids, labels, position_ids) -> tuple[int, list[tuple[int, int]]]:
+    """(length of the prefix every packed row shares and may share, row spans).
+
+    The prefix stops before the first labelled token of any row and leaves every row at least
+    two tokens, so each row still predicts its own answer from its own positions.
+    """
+    if input_ids.shape[0] != 1 or position_ids is None:
+        return 0, []
+    pos = position_ids[0]
+    starts = (pos == 0).nonzero().flatten().tolist()
+    if len(starts) < 2 or starts[0] != 0:
+        return 0, []
+    ends = starts[1:] + [pos.numel()]
+    spans = list(zip(starts, ends, strict=True))
+    ids, lab = input_ids[0], labels[0]
+    limit = min(e - s for s, e in spans) - 2
+    for s, e in spans:
+        labelled = (lab[s:e] != IGNORE).nonzero()
+        if labelled.numel():
+            limit = min(limit, int(labelled[0]) - 1)
+    if limit < MIN_SHARED_PREFIX:
+        return 0, spans
+    first = ids[: spans[0][1] - spans[0][0]][:limit]
+    length = limit
+    for s, _ in spans[1:]:
+        differs = (ids[s : s + limit] != first).nonzero()
+        if differs.numel():
+            length = min(length, int(differs[0]))
+    return (length if length >= MIN_SHARED_PREFIX else 0), spans
+
+
+def _suffix_mask(spans, prefix: int, device) -> torch.Tensor:
+    """Boolean (1, 1, S, prefix + S): every suffix token sees the prefix and its own row."""
+    lengths = torch.tensor([e - s - prefix for s, e in spans], device=device)
+    row = torch.repeat_interleave(torch.arange(len(spans), device=device), lengths)
+    idx = torch.arange(row.numel(), device=device)
+    own = (row[:, None] == row[None, :]) & (idx[None, :] <= idx[:, None])
+    seen = torch.ones(row.numel(), prefix, dtype=torch.bool, device=device)
+    return torch.cat([seen, own], dim=1)[None, None]
+
+
+def answer_only_loss(
+    model, inputs: dict, num_items_in_batch=None, shared_prefix: bool = False
+) -> tuple[torch.Tensor, int]:
+    """(loss, number of labelled tokens). Sum over answer tokens / ``num_items_in_batch``."""
+    labels = inputs["labels"]
+    lm = _causal_lm(model)
+    backbone = getattr(lm, lm.base_model_prefix)
+    if shared_prefix and "attention_mask" not in inputs:
+        prefix, spans = shared_prefix_length(
+            inputs["input_ids"], labels, inputs.get("position_ids")
+        )
+        if prefix:
+            return _shared_prefix_loss(lm, backbone, inputs, prefix, spans, num_items_in_batch)
+    kwargs = {
+        k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")
+    }
+    hidden = backbone(**kwargs, use_cache=False).last_hidden_state
+    return _head_loss(lm, hidden, labels, num_items_in_batch)
+
+
+def _shared_prefix_loss(lm, backbone, inputs, prefix, spans, num_items_in_batch):
+    ids, labels, pos = inputs["input_ids"][0], inputs["labels"][0], inputs["position_ids"][0]
+    keep = torch.cat([torch.arange(s + prefix, e, device=ids.device) for s, e in spans])
+    cache = backbone(
+        input_ids=ids[None, :prefix], position_ids=pos[None, :prefix], use_cache=True
+    ).cache
+    hidden = backbone(
+        input_ids=ids[keep][None],
+        position_ids=pos[keep][None],
+        attention_mask=_suffix_mask(spans, prefix, ids.device),
+        cache=cache,
+        use_cache=True,
+    ).last_hidden_state
+    return _head_loss(lm, hidden, labels[keep][None], num_items_in_batch)

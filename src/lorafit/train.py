@@ -116,18 +116,61 @@ def _trainer_class():
     """SFTTrainer with lorafit's answer-only loss (single process; DDP keeps TRL's path)."""
     from trl import SFTTrainer
 
-    from lorafit.loss import answer_only_loss
+    from lorafit.loss import answer_only_loss, shared_prefix_length
 
     class LorafitTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or self.accelerator.num_processes > 1:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, count = answer_only_loss(model, inputs, num_items_in_batch)
+            share = self._shared_prefix_checked(model, inputs)
+            loss, count = answer_only_loss(model, inputs, num_items_in_batch, share)
             if model.training:
                 mask = inputs.get("attention_mask")
                 self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
                 self._answer_tokens += count
             return loss
+
+        def _shared_prefix_checked(self, model, inputs) -> bool:
+            """Share the batch's common prefix once it gave the same loss on a real batch.
+
+            A model whose attention ignores custom masks or caches (some architectures do)
+            would train on a different loss: compare once, and fall back if it differs.
+            """
+            if self.lorafit_shared_prefix is not None:
+                return self.lorafit_shared_prefix
+            if not model.training:
+                return False
+            if self.args.gradient_checkpointing or not self.lorafit_config.train.shared_prefix:
+                self.lorafit_shared_prefix = False  # checkpointing drops the prefix cache
+                return False
+            import torch
+
+            ids, labels = inputs["input_ids"], inputs["labels"]
+            prefix, _ = shared_prefix_length(ids, labels, inputs.get("position_ids"))
+            if not prefix:
+                return False  # nothing shared in this batch: decide on a later one
+            model.eval()  # no dropout: both losses must see the same network
+            try:
+                with torch.no_grad():
+                    plain, _ = answer_only_loss(model, inputs)
+                    shared, _ = answer_only_loss(model, inputs, shared_prefix=True)
+            finally:
+                model.train()
+            same = bool(torch.isclose(plain, shared, rtol=1e-4, atol=1e-5))
+            if not same:
+                log.warning(
+                    "train.shared_prefix: loss %.6f with a shared prefix vs %.6f without on "
+                    "this model; training without sharing",
+                    shared.item(),
+                    plain.item(),
+                )
+            self.lorafit_shared_prefix = same
+            self.lorafit_prefix_tokens = prefix
+            return same
+
+        lorafit_shared_prefix: bool | None = None
+        lorafit_prefix_tokens = 0
+        lorafit_config: Config | None = None
 
         def log(self, logs, *args, **kwargs):
             if "loss" in logs and self._tokens:
@@ -522,6 +565,7 @@ def _train_tracked(
         peft_config=lora_config(config.lora),
         callbacks=(callbacks := _callbacks(run_dir, show_progress, tracker, writer)),
     )
+    trainer.lorafit_config = config
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our progress bar and metrics.jsonl replace it
@@ -605,6 +649,9 @@ def _train_tracked(
             / max(train_runtime, 1e-9),
             "tokens_per_s": (trainer._tokens or epoch_scale * train_info["tokens"])
             / max(train_runtime, 1e-9),
+            # 1 when each batch ran its common prefix once (checked equal on the first batch)
+            "shared_prefix": int(bool(trainer.lorafit_shared_prefix)),
+            "shared_prefix_tokens": trainer.lorafit_prefix_tokens,
         },
     )
     write_json(run_dir / RUN_FILE, run_info)

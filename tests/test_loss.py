@@ -1,0 +1,136 @@
+"""The answer-only loss and its shared-prefix form: same loss, same gradients, fewer FLOPs."""
+
+import pytest
+import torch
+
+from lorafit.data.formats import Example
+from lorafit.data.tokenize import tokenize_example
+from lorafit.loss import IGNORE, answer_only_loss, shared_prefix_length
+
+QUESTIONS = [
+    ("What is EEC?", "EEC stands for Electronic Engine Control."),
+    ("Explain what APU means.", "APU stands for Auxiliary Power Unit, a small turbine."),
+    ("Define MRO, please", "MRO stands for Maintenance, Repair and Overhaul."),
+    ("What does BER mean?", "BER stands for Beyond Economical Repair."),
+]
+
+
+def _packed(tokenizer, pairs):
+    """One padding-free row (what TRL's padding-free collator builds) with position ids."""
+    ids, labels, positions = [], [], []
+    for prompt, response in pairs:
+        example = Example(prompt=({"role": "user", "content": prompt},), answer=response)
+        row, _ = tokenize_example(tokenizer, example, 256, None)
+        ids += row.input_ids
+        labels += [IGNORE, *row.labels[1:]]
+        positions += list(range(len(row.input_ids)))
+    return {
+        "input_ids": torch.tensor([ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([positions]),
+    }
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, config).train()
+
+
+def _loss_and_grads(model, batch, shared):
+    model.zero_grad()
+    loss, count = answer_only_loss(model, batch, shared_prefix=shared)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), count, grads
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients(lora_model, tokenizer):
+    batch = _packed(tokenizer, QUESTIONS)
+    prefix, spans = shared_prefix_length(batch["input_ids"], batch["labels"], batch["position_ids"])
+    # the whole system prompt and the user turn's opening tokens are shared
+    system = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    assert prefix >= len(tokenizer(system.split("user")[0])["input_ids"])
+    assert len(spans) == len(QUESTIONS)
+
+    plain, n_plain, grads_plain = _loss_and_grads(lora_model, batch, shared=False)
+    shared, n_shared, grads_shared = _loss_and_grads(lora_model, batch, shared=True)
+    assert n_plain == n_shared == int((batch["labels"] != IGNORE).sum())
+    assert torch.allclose(plain, shared, rtol=1e-5)
+    assert len(grads_plain) == len(grads_shared) > 0
+    for name, grad in grads_plain.items():
+        assert grad.abs().sum() > 0, name  # every adapter weight gets a gradient
+        relative = (grad - grads_shared[name]).norm() / grad.norm()
+        assert relative < 1e-4, (name, relative)
+
+
+def test_a_wrong_mask_would_be_caught(lora_model, tokenizer):
+    """The comparison above can fail: drop the prefix from the rows' view and it differs."""
+    import lorafit.loss as loss_module
+
+    batch = _packed(tokenizer, QUESTIONS)
+    plain, _, _ = _loss_and_grads(lora_model, batch, shared=False)
+    real = loss_module._suffix_mask
+
+    def blind(spans, prefix, device):
+        mask = real(spans, prefix, device)
+        mask[..., :prefix] = False
+        return mask
+
+    loss_module._suffix_mask = blind
+    try:
+        broken, _, _ = _loss_and_grads(lora_model, batch, shared=True)
+    finally:
+        loss_module._suffix_mask = real
+    assert not torch.allclose(plain, broken, rtol=1e-5)
+
+
+def test_prefix_stops_before_any_answer_and_needs_two_rows(tokenizer):
+    batch = _packed(tokenizer, QUESTIONS)
+    ids, labels, positions = batch["input_ids"], batch["labels"], batch["position_ids"]
+    full, spans = shared_prefix_length(ids, labels, positions)
+    start, end = spans[1]
+    # a row whose labels start early pulls the shared prefix back before them
+    early = labels.clone()
+    early[0, start + full - 3] = ids[0, start + full - 3]
+    assert shared_prefix_length(ids, early, positions)[0] == full - 4
+    # one row: nothing to share; no position ids (a padded batch): nothing to share
+    one = _packed(tokenizer, QUESTIONS[:1])
+    assert shared_prefix_length(one["input_ids"], one["labels"], one["position_ids"])[0] == 0
+    assert shared_prefix_length(ids, labels, None)[0] == 0
+    # rows that differ from the first token share nothing
+    other = ids.clone()
+    other[0, start] = other[0, start] + 1
+    assert shared_prefix_length(other, labels, positions)[0] == 0
+
+
+def test_training_uses_the_shared_prefix_after_checking_it(tmp_path, tiny_model_dir):
+    from conftest import write_jsonl
+
+    from lorafit.config import load_config
+    from lorafit.rundir import read_json
+    from lorafit.train import train
+
+    data = write_jsonl(
+        tmp_path / "train.jsonl", [{"prompt": p, "response": r} for p, r in QUESTIONS * 2]
+    )
+    sets = {
+        "model.name": str(tiny_model_dir),
+        "data.train": str(data),
+        "output_dir": str(tmp_path / "run"),
+        "train.max_steps": 3,
+        "train.batch_size": 4,
+        "train.grad_accumulation": 1,
+        "tracking.enabled": "false",
+    }
+    run = train(load_config(None, [f"{k}={v}" for k, v in sets.items()]), show_progress=False)
+    results = read_json(run / "run.json")["results"]
+    assert results["shared_prefix"] == 1 and results["shared_prefix_tokens"] >= 8
+    sets.update({"output_dir": str(tmp_path / "off"), "train.shared_prefix": "false"})
+    off = train(load_config(None, [f"{k}={v}" for k, v in sets.items()]), show_progress=False)
+    assert read_json(off / "run.json")["results"]["shared_prefix"] == 0
