@@ -120,6 +120,8 @@ def test_prediction_is_within_20_percent_of_a_measured_run(tmp_path):
         "data.max_length=96",
         "data.replay=0",
         "train.batch_size=4",
+        # the planner does not model the shared prefix (it over-predicts, the safe side)
+        "train.shared_prefix=false",
         "train.grad_accumulation=1",
         "train.max_steps=3",
         "tracking.enabled=false",

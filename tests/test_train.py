@@ -117,7 +117,11 @@ def test_eval_writes_predictions_metrics_report(tiny_run, tmp_path):
     from lorafit.evaluate import evaluate
 
     data = write_jsonl(tmp_path / "e.jsonl", ROWS[:3])
-    m = evaluate(tiny_run, data, tmp_path / "ev", max_new_tokens=8)
+    calls = []
+    m = evaluate(
+        tiny_run, data, tmp_path / "ev", max_new_tokens=8, progress=lambda *a: calls.append(a)
+    )
+    assert calls[-1][0] == calls[-1][1] > 6  # base + tuned over prompts and probes
     assert (
         m["n"] == 3
         and set(m["base"]) >= {"accuracy", "rouge_l"}
@@ -134,6 +138,22 @@ def test_eval_writes_predictions_metrics_report(tiny_run, tmp_path):
     assert 0 <= m["base"]["general_accuracy"] <= 1 and 0 <= m["tuned"]["general_accuracy"] <= 1
     assert isinstance(m["general_regressions"], list)
     assert (tmp_path / "ev" / "probe_predictions.jsonl").is_file()
+
+
+def test_tuned_answers_with_the_adapter_merged_in_memory_match_unmerged(tiny_run):
+    from lorafit.evaluate import answer_sets
+    from lorafit.inference import chat_prompt, generate, load_for_inference
+
+    loaded = load_for_inference(tiny_run)
+    prompts = [chat_prompt(r["prompt"], None) for r in ROWS]
+    unmerged = generate(loaded.model, loaded.tokenizer, prompts, 12)
+    with loaded.model.disable_adapter():
+        base = generate(loaded.model, loaded.tokenizer, prompts, 12)
+    [(base_again, merged)] = answer_sets(loaded, [(prompts, 12)], batch_size=4)
+    assert merged == unmerged and base_again == base
+    assert merged != base  # the adapter changes the answers, so the comparison means something
+    layers = [m for m in loaded.model.modules() if hasattr(m, "merged_adapters")]
+    assert layers and not any(m.merged_adapters for m in layers)  # unmerged afterwards
 
 
 def test_merge_is_standalone_and_matches(tiny_run, tmp_path):

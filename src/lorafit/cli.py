@@ -304,17 +304,20 @@ def eval_cmd(
     reports base/tuned general_accuracy and the probes that regressed.
     """
     from lorafit.evaluate import DEFAULT_PROBES, evaluate
+    from lorafit.progress import answer_progress
 
-    m = evaluate(
-        run_dir,
-        data,
-        output,
-        max_new_tokens,
-        batch_size,
-        limit,
-        probes=None if no_probes else DEFAULT_PROBES,
-        unknown=unknown,
-    )
+    with answer_progress() as progress:
+        m = evaluate(
+            run_dir,
+            data,
+            output,
+            max_new_tokens,
+            batch_size,
+            limit,
+            progress=progress,
+            probes=None if no_probes else DEFAULT_PROBES,
+            unknown=unknown,
+        )
     _print_metrics(m)
 
 

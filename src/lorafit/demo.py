@@ -7,6 +7,7 @@ generate data -> train (configs/demo.yaml) -> evaluate base vs tuned -> merge ->
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import time
@@ -73,6 +74,7 @@ def ask_seed_questions(model_dir: Path, glossary, max_new_tokens: int = 64) -> l
 def run_demo(config: Config, output: Path, overwrite: bool = False, console=None) -> DemoResult:
     from lorafit.evaluate import evaluate
     from lorafit.merge import merge
+    from lorafit.progress import answer_progress
     from lorafit.train import train
 
     timings: dict[str, float] = {}
@@ -114,14 +116,17 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
     lap("train")
     gc.collect()  # the trainer holds reference cycles: drop its model before the next stage
     say(f"[bold]3/4 eval[/]: base vs tuned on {n_eval} held-out phrasings")
-    metrics = evaluate(
-        run_dir,
-        eval_path,
-        max_new_tokens=config.eval.max_new_tokens,
-        batch_size=config.eval.batch_size,
-        limit=config.eval.limit,
-        unknown=data_dir / "unknown.jsonl" if (data_dir / "unknown.jsonl").is_file() else None,
-    )
+    bar = answer_progress("base and tuned answers") if console else contextlib.nullcontext()
+    with bar as progress:
+        metrics = evaluate(
+            run_dir,
+            eval_path,
+            max_new_tokens=config.eval.max_new_tokens,
+            batch_size=config.eval.batch_size,
+            limit=config.eval.limit,
+            progress=progress,
+            unknown=data_dir / "unknown.jsonl" if (data_dir / "unknown.jsonl").is_file() else None,
+        )
     lap("eval")
     gc.collect()
     say("[bold]4/4 merge[/]")

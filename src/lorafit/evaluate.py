@@ -141,11 +141,21 @@ def read_probes(path: str | Path) -> list[dict]:
 def answer_sets(loaded, jobs: list[tuple[list, int]], batch_size: int, progress=None):
     """[(base answers, tuned answers)] for each (prompts, max_new_tokens) job.
 
+    ``progress(done, total)`` is called after every generated batch.
+
     Every base answer comes first (adapter disabled); the tuned answers then run with the
     adapter merged into the weights, which generates faster than LoRA's extra matmuls per
     layer. Quantized bases keep the adapter separate (merging into 4/8-bit weights is lossy).
     """
     model, tok = loaded.model, loaded.tokenizer
+    if progress is not None:  # progress(answers done, answers in all): base and tuned
+        total, done = 2 * sum(len(p) for p, _ in jobs), [0]
+
+        def advance(n: int, report=progress) -> None:
+            done[0] += n
+            report(done[0], total)
+
+        progress = advance
     with model.disable_adapter():
         base = [generate(model, tok, p, n, batch_size, progress) for p, n in jobs]
     inner = model.get_base_model()
