@@ -255,6 +255,13 @@ def _replay(config: Config, model, tokenizer, model_dir: Path, domain_rows: int)
     }
 
 
+def _cuda_peak_bytes() -> int | None:
+    """torch.cuda.max_memory_allocated of this process (None without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
 def check_disk_space(run_dir: Path, trainable_params: int) -> None:
     """Refuse to start when the run cannot even hold its checkpoints."""
     # fp32 adapter + up to 3 checkpoints (weights and two AdamW moments each) + logs/margin
@@ -652,6 +659,7 @@ def _train_tracked(
             # 1 when each batch ran its common prefix once (checked equal on the first batch)
             "shared_prefix": int(bool(trainer.lorafit_shared_prefix)),
             "shared_prefix_tokens": trainer.lorafit_prefix_tokens,
+            "cuda_peak_bytes": _cuda_peak_bytes(),
         },
     )
     write_json(run_dir / RUN_FILE, run_info)
