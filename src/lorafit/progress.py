@@ -6,9 +6,8 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 
-@contextlib.contextmanager
-def answer_progress(label: str = "answering") -> Iterator[Callable[[int, int], None]]:
-    """Yield ``progress(done, total)``; shows a rich bar with elapsed and remaining time."""
+def progress_bar(label: str, info: bool = False, transient: bool = False):
+    """The rich bar lorafit shows for long work: label, bar, n/total, [info], elapsed, left."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -18,14 +17,17 @@ def answer_progress(label: str = "answering") -> Iterator[Callable[[int, int], N
         TimeRemainingColumn,
     )
 
-    bar = Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-    )
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn()]
+    if info:  # a free-text field per task (training shows loss and tokens/s there)
+        columns.append(TextColumn("{task.fields[info]}"))
+    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, transient=transient)
+
+
+@contextlib.contextmanager
+def answer_progress(label: str = "answering") -> Iterator[Callable[[int, int], None]]:
+    """Yield ``progress(done, total)``; shows a rich bar with elapsed and remaining time."""
+    bar = progress_bar(label, transient=True)
     task = bar.add_task(label, total=None)
 
     def progress(done: int, total: int) -> None:

@@ -321,23 +321,9 @@ def _callbacks(run_dir: Path, show_progress: bool, tracker: Tracker, writer: boo
         def on_train_begin(self, args, state, control, **kw):
             self.last = (time.perf_counter(), 0, 0)
             if show_progress:
-                from rich.progress import (
-                    BarColumn,
-                    MofNCompleteColumn,
-                    Progress,
-                    TextColumn,
-                    TimeElapsedColumn,
-                    TimeRemainingColumn,
-                )
+                from lorafit.progress import progress_bar
 
-                self.progress = Progress(
-                    TextColumn("[bold]training"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(),
-                    TimeRemainingColumn(),
-                )
+                self.progress = progress_bar("training", info=True)
                 self.progress.start()
                 self.task = self.progress.add_task(
                     "train", total=state.max_steps, completed=state.global_step, info=""
