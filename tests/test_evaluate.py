@@ -56,6 +56,8 @@ def test_probe_judge_matches_whole_words():
     assert not probe_correct("It is 42.", ["4", "four"])  # no partial-number match
     assert probe_correct("Plants absorb carbon dioxide.", ["carbon dioxide", "CO2"])
     assert not probe_correct("Create a product or a service.", ["4", "four"])
+    assert probe_correct("William Shakespeare’s play.", ["Shakespeare"])  # possessive
+    assert probe_correct("It was Shakespeare's.", ["Shakespeare"])
 
 
 def test_shipped_probe_set_is_valid_and_varied():

@@ -45,7 +45,8 @@ _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 
 
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    # "Shakespeare's play" names Shakespeare: a possessive is the word itself
+    return [w.removesuffix("'s") for w in _WORD.findall(text.lower().replace("’", "'"))]
 
 
 def key_words(reference: str, prompt: str = "") -> set[str]:
