@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -55,6 +56,9 @@ def _setup() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_rich_handler()])
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # peft 0.21 calls a transformers 5 property that warns on every model wrap; nothing a user
+    # can act on, and it repeats once per stage of the demo
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated")
     try:
         import transformers
 
