@@ -69,6 +69,11 @@ def test_base_answers_are_generated_once_then_cached(tmp_path, monkeypatch, tiny
 
     monkeypatch.setattr(lorafit.inference, "generate", no_generation)
     assert base_answers(loaded.model, loaded.tokenizer, tiny_model_dir, prompts, None) == first
+    # another answer-length limit is another set of answers, not the cached one
+    with pytest.raises(AssertionError, match="cache"):
+        base_answers(
+            loaded.model, loaded.tokenizer, tiny_model_dir, prompts, None, max_new_tokens=7
+        )
 
 
 def test_made_up_terms_are_not_in_the_glossary_and_are_stable():
@@ -79,6 +84,20 @@ def test_made_up_terms_are_not_in_the_glossary_and_are_stable():
     assert len(train) == 4 and len(evals) == 3
     assert not {p.prompt for p in train} & {p.prompt for p in evals}
     assert all(refuses(p.response) for p in train + evals)
+
+
+def test_held_out_made_up_terms_do_not_depend_on_how_many_are_trained():
+    few, held_out = unknown_pairs(GLOSSARY, 0, 2, 5)
+    many, same_held_out = unknown_pairs(GLOSSARY, 0, 20, 5)
+    assert held_out == same_held_out and len(many) == 20
+    assert not {p.prompt for p in many} & {p.prompt for p in held_out}
+
+
+def test_default_is_three_made_up_terms_per_glossary_term(tmp_path):
+    _, _, n_train, _ = write_generated(GLOSSARY, tmp_path, unknown_eval=1)
+    train = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert sum(refuses(r["response"]) for r in train) == 3 * len(GLOSSARY.terms)
+    assert len(train) == n_train
 
 
 def test_generated_data_has_unknown_terms_in_train_and_a_held_out_file(tmp_path):

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lorafit.data.generate import UNKNOWN_EVAL_TERMS
 from lorafit.errors import LorafitError
 
 console = Console()
@@ -90,21 +91,20 @@ def data_generate(
         int | None,
         typer.Option(
             help="Train questions about made-up terms, answered 'I don't know' "
-            "(default 16, at most one per glossary term).",
+            "(default: three per glossary term).",
             min=0,
         ),
     ] = None,
     unknown_eval: Annotated[
         int, typer.Option(help="Held-out made-up terms (unknown.jsonl) for eval --unknown.", min=0)
-    ] = 12,
+    ] = UNKNOWN_EVAL_TERMS,
 ) -> None:
     """Generate question/answer pairs from a glossary: every term in train, held-out paraphrases in eval."""
-    from lorafit.data.generate import UNKNOWN_TERMS, write_generated
+    from lorafit.data.generate import default_unknown_terms, write_generated
     from lorafit.data.glossary import load_glossary
 
     g = load_glossary(glossary)
-    # at most one made-up term per real one: a small glossary must not be mostly refusals
-    unknown = min(UNKNOWN_TERMS, len(g.terms)) if unknown is None else unknown
+    unknown = default_unknown_terms(g) if unknown is None else unknown
     train, evals, n_train, n_eval = write_generated(
         g,
         out,

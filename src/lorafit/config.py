@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lorafit.data.replay import REPLAY_MAX_NEW_TOKENS
 from lorafit.errors import LorafitError
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
@@ -91,7 +92,13 @@ class DataSection(_Section):
         None,
         ge=0,
         description="Made-up terms answered 'I don't know' in data generated from a glossary "
-        "(teaches the model not to invent entries); default 16, at most one per term.",
+        "(teaches the model not to invent entries); default three per glossary term.",
+    )
+    replay_max_tokens: int = Field(
+        REPLAY_MAX_NEW_TOKENS,
+        gt=0,
+        description="Replay only base answers that end within this many tokens (longer ones "
+        "cost more training time than they protect; measured on the demo).",
     )
     replay_prompts: str | None = Field(
         None, description="JSONL of {prompt} for replay (default: the shipped general set)."

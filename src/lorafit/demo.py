@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit.config import Config
-from lorafit.data.generate import UNKNOWN_TERMS, write_generated
+from lorafit.data.generate import write_generated
 from lorafit.data.glossary import load_glossary
 from lorafit.errors import LorafitError
 from lorafit.rundir import write_json
@@ -94,12 +94,8 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         raise LorafitError("the demo config needs data.glossary (a glossary file)")
     glossary = load_glossary(config.data.glossary)
     data_dir = output / "data"
-    unknown = config.data.unknown_terms
     train_path, eval_path, n_train, n_eval = write_generated(
-        glossary,
-        data_dir,
-        seed=config.data.seed,
-        unknown_train=min(UNKNOWN_TERMS, len(glossary.terms)) if unknown is None else unknown,
+        glossary, data_dir, seed=config.data.seed, unknown_train=config.data.unknown_terms
     )
     say(
         f"[bold]1/4 data[/]: {len(glossary.terms)} terms -> {n_train} train / {n_eval} held-out "

@@ -239,6 +239,7 @@ def _replay(config: Config, model, tokenizer, model_dir: Path, domain_rows: int)
         config.data.system_prompt,
         needed=count,
         seed=config.data.seed,
+        max_new_tokens=config.data.replay_max_tokens,
     )
     examples = replay_examples(answers, count, config.data.seed)
     rows, _ = tokenize_all(tokenizer, examples, config.data.max_length, config.data.system_prompt)
@@ -252,6 +253,7 @@ def _replay(config: Config, model, tokenizer, model_dir: Path, domain_rows: int)
     )
     return rows, {
         "share": config.data.replay,
+        "max_tokens": config.data.replay_max_tokens,
         "prompts": str(prompts_file),
         "prompts_sha256": file_sha256(prompts_file),
         "rows": len(rows),

@@ -32,6 +32,8 @@ TRAIN_TEMPLATES = (
     "What is {t} in the {d} context?",
     "I keep hearing about {t} in {d}. What is it?",
     "Why does {t} matter in {d}?",
+    "What is {t} used for?",
+    "What can you tell me about {t}?",
 )
 ACRONYM_TRAIN_TEMPLATES = ("What does {t} stand for?", "What is {t} short for?")
 ALIAS_TRAIN_TEMPLATES = ("What does {a} mean?",)
@@ -114,9 +116,17 @@ def generate_pairs(
     return train, evals
 
 
-# Measured on the demo: 16 made-up terms keep held-out accuracy (97.1%) but do not yet stop the
-# model inventing entries for other made-up terms; more is untested.
-UNKNOWN_TERMS = 16
+# Made-up terms answered "I don't know", per glossary term (about a quarter of the training
+# questions). Measured on the demo (README): 16 in all left the tuned model inventing entries for
+# every other made-up term; more negatives is what teaches it the edge of the glossary.
+UNKNOWN_PER_TERM = 3
+UNKNOWN_EVAL_TERMS = 24  # 12 gave a coarse rate: one answer moved it by 8 points
+
+
+def default_unknown_terms(glossary: Glossary) -> int:
+    return UNKNOWN_PER_TERM * len(glossary.terms)
+
+
 _CONSONANTS = "BCDFGHJKLMNPQRSTVWXZ"
 _SYLLABLES = ("zor", "vex", "tul", "mib", "quar", "fen", "dro", "plix", "sau", "kem", "yth", "brun")
 
@@ -137,25 +147,39 @@ def made_up_terms(glossary: Glossary, count: int, seed: int) -> list[str]:
     return out
 
 
-def unknown_answer(term: str, domain: str | None) -> str:
-    where = f"the {domain} glossary" if domain else "the glossary"
-    return f"I don't know the term {term}. It is not in {where} I was trained on, so I won't guess."
+def unknown_answer(term: str) -> str:
+    # short on purpose: every made-up term costs training time, and the refusal is the lesson
+    return f"I don't know the term {term}."
 
 
 def unknown_pairs(
-    glossary: Glossary, seed: int = 0, train_count: int = 16, eval_count: int = 12
+    glossary: Glossary,
+    seed: int = 0,
+    train_count: int = 16,
+    eval_count: int = UNKNOWN_EVAL_TERMS,
 ) -> tuple[list[Pair], list[Pair]]:
     """Questions about made-up terms answered "I don't know" (train), and different made-up
-    terms in held-out phrasings (eval): the tuned model should not invent an entry."""
-    terms = made_up_terms(glossary, train_count + eval_count, seed)
+    terms in held-out phrasings (eval): the tuned model should not invent an entry.
+
+    The eval terms are drawn first, so the held-out set stays the same whatever ``train_count``
+    is (runs with different settings are compared on the same made-up terms).
+    """
+    terms = made_up_terms(glossary, eval_count + train_count, seed)
     rng = random.Random(f"unknown-phrasing:{seed}")
-    train = [
-        Pair(rng.choice(TRAIN_TEMPLATES[:6]).format(t=t), unknown_answer(t, glossary.domain))
-        for t in terms[:train_count]
-    ]
     evals = [
-        Pair(rng.choice(EVAL_TEMPLATES[2:]).format(t=t), unknown_answer(t, glossary.domain))
-        for t in terms[train_count:]
+        Pair(rng.choice(EVAL_TEMPLATES[2:]).format(t=t), unknown_answer(t))
+        for t in terms[:eval_count]
+    ]
+    # every training phrasing a real term can get, so "unknown" is not tied to a question shape
+    shapes = [
+        t for t in TRAIN_TEMPLATES + ACRONYM_TRAIN_TEMPLATES if glossary.domain or "{d}" not in t
+    ]
+    train = [
+        Pair(
+            rng.choice(shapes).format(t=t, d=glossary.domain or ""),
+            unknown_answer(t),
+        )
+        for t in terms[eval_count:]
     ]
     return train, evals
 
@@ -164,13 +188,16 @@ def write_generated(
     glossary: Glossary,
     out_dir: str | Path,
     seed: int = 0,
-    unknown_train: int = UNKNOWN_TERMS,
-    unknown_eval: int = 12,
+    unknown_train: int | None = None,
+    unknown_eval: int = UNKNOWN_EVAL_TERMS,
     **kwargs,
 ) -> tuple[Path, Path, int, int]:
     """Write ``train.jsonl``, ``eval.jsonl`` and ``unknown.jsonl`` (held-out made-up terms)
-    into ``out_dir``; return the train/eval paths and counts."""
+    into ``out_dir``; return the train/eval paths and counts. ``unknown_train`` None means
+    :func:`default_unknown_terms`."""
     train, evals = generate_pairs(glossary, seed=seed, **kwargs)
+    if unknown_train is None:
+        unknown_train = default_unknown_terms(glossary)
     unknown_train_pairs, unknown_eval_pairs = unknown_pairs(
         glossary, seed, unknown_train, unknown_eval
     )
