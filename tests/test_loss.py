@@ -109,7 +109,8 @@ def test_prefix_stops_before_any_answer_and_needs_two_rows(tokenizer):
     assert shared_prefix_length(other, labels, positions)[0] == 0
 
 
-def test_training_uses_the_shared_prefix_after_checking_it(tmp_path, tiny_model_dir):
+def _train_tiny(tmp_path, tiny_model_dir, name: str, **extra) -> dict:
+    """Three steps on the tiny model with packed 4-row batches; the run's run.json."""
     from conftest import write_jsonl
 
     from lorafit.config import load_config
@@ -122,18 +123,22 @@ def test_training_uses_the_shared_prefix_after_checking_it(tmp_path, tiny_model_
     sets = {
         "model.name": str(tiny_model_dir),
         "data.train": str(data),
-        "output_dir": str(tmp_path / "run"),
+        "output_dir": str(tmp_path / name),
         "train.max_steps": 3,
         "train.batch_size": 4,
         "train.grad_accumulation": 1,
         "tracking.enabled": "false",
+        **extra,
     }
     run = train(load_config(None, [f"{k}={v}" for k, v in sets.items()]), show_progress=False)
-    results = read_json(run / "run.json")["results"]
+    return read_json(run / "run.json")
+
+
+def test_training_uses_the_shared_prefix_after_checking_it(tmp_path, tiny_model_dir):
+    results = _train_tiny(tmp_path, tiny_model_dir, "run")["results"]
     assert results["shared_prefix"] == 1 and results["shared_prefix_tokens"] >= 8
-    sets.update({"output_dir": str(tmp_path / "off"), "train.shared_prefix": "false"})
-    off = train(load_config(None, [f"{k}={v}" for k, v in sets.items()]), show_progress=False)
-    assert read_json(off / "run.json")["results"]["shared_prefix"] == 0
+    off = _train_tiny(tmp_path, tiny_model_dir, "off", **{"train.shared_prefix": "false"})
+    assert off["results"]["shared_prefix"] == 0
 
 
 def test_training_falls_back_when_the_shared_loss_differs(
@@ -141,12 +146,7 @@ def test_training_falls_back_when_the_shared_loss_differs(
 ):
     """A model whose attention would treat the prefix cache differently: the first-batch check
     sees another loss, warns, and the run trains without sharing (never on the wrong loss)."""
-    from conftest import write_jsonl
-
     import lorafit.loss
-    from lorafit.config import load_config
-    from lorafit.rundir import read_json
-    from lorafit.train import train
 
     real = lorafit.loss._shared_prefix_loss
     calls = []
@@ -157,21 +157,8 @@ def test_training_falls_back_when_the_shared_loss_differs(
         return loss * 1.01, count
 
     monkeypatch.setattr(lorafit.loss, "_shared_prefix_loss", off_by_a_bit)
-    data = write_jsonl(
-        tmp_path / "train.jsonl", [{"prompt": p, "response": r} for p, r in QUESTIONS * 2]
-    )
-    sets = {
-        "model.name": str(tiny_model_dir),
-        "data.train": str(data),
-        "output_dir": str(tmp_path / "run"),
-        "train.max_steps": 3,
-        "train.batch_size": 4,
-        "train.grad_accumulation": 1,
-        "tracking.enabled": "false",
-    }
     with caplog.at_level("WARNING"):
-        run = train(load_config(None, [f"{k}={v}" for k, v in sets.items()]), show_progress=False)
-    info = read_json(run / "run.json")
+        info = _train_tiny(tmp_path, tiny_model_dir, "run")
     assert info["status"] == "completed" and info["results"]["shared_prefix"] == 0
     assert "training without sharing" in caplog.text
     assert len(calls) == 1  # only the check used it; the 3 training steps did not
