@@ -70,3 +70,28 @@ def test_shipped_probe_set_is_valid_and_varied():
     assert len({p["prompt"] for p in probes}) == len(probes)
     assert len(Counter(p["category"] for p in probes)) >= 6
     assert all(p["answers"] for p in probes)
+
+
+def test_batched_generation_gives_the_one_at_a_time_answers(tiny_model_dir):
+    """lorafit's generate (length-sorted, left-padded batches) answers exactly as the model's
+    own generate does for one prompt at a time: padding changes nothing."""
+    import torch
+
+    from lorafit.inference import chat_prompt, generate, load_for_inference
+
+    loaded = load_for_inference(tiny_model_dir, device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    questions = ["Hi", "What is 1+1?", "Name three colors of the rainbow, please."]
+    ours = generate(model, tok, [chat_prompt(q, None) for q in questions], 12, batch_size=3)
+    for q, (text, _) in zip(questions, ours, strict=True):
+        ids = tok.apply_chat_template(
+            chat_prompt(q, None), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+        row = out[0, ids.shape[1] :].tolist()
+        if tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id)]
+        assert text == tok.decode(row, skip_special_tokens=True).strip()

@@ -100,11 +100,6 @@ def generate(
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
-                    # a preallocated cache instead of growing one by concatenation each step:
-                    # measured 1.3x faster batched generation on CPU, same answers. No
-                    # torch.compile: its compile time outweighs a few hundred prompts.
-                    cache_implementation="static",
-                    disable_compile=True,
                 )
             new = out[:, enc["input_ids"].shape[1] :]
             for row, i in zip(new.tolist(), idx, strict=True):
