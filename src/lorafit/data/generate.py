@@ -155,15 +155,18 @@ def unknown_answer(term: str) -> str:
 def unknown_pairs(
     glossary: Glossary,
     seed: int = 0,
-    train_count: int = 16,
+    train_count: int | None = None,
     eval_count: int = UNKNOWN_EVAL_TERMS,
 ) -> tuple[list[Pair], list[Pair]]:
     """Questions about made-up terms answered "I don't know" (train), and different made-up
     terms in held-out phrasings (eval): the tuned model should not invent an entry.
 
     The eval terms are drawn first, so the held-out set stays the same whatever ``train_count``
-    is (runs with different settings are compared on the same made-up terms).
+    is (runs with different settings are compared on the same made-up terms). ``train_count``
+    None means :func:`default_unknown_terms`.
     """
+    if train_count is None:
+        train_count = default_unknown_terms(glossary)
     terms = made_up_terms(glossary, eval_count + train_count, seed)
     rng = random.Random(f"unknown-phrasing:{seed}")
     evals = [
@@ -196,8 +199,6 @@ def write_generated(
     into ``out_dir``; return the train/eval paths and counts. ``unknown_train`` None means
     :func:`default_unknown_terms`."""
     train, evals = generate_pairs(glossary, seed=seed, **kwargs)
-    if unknown_train is None:
-        unknown_train = default_unknown_terms(glossary)
     unknown_train_pairs, unknown_eval_pairs = unknown_pairs(
         glossary, seed, unknown_train, unknown_eval
     )
