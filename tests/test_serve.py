@@ -3,11 +3,13 @@ official openai client, including a bounded load test (tiny random model: fast).
 
 from __future__ import annotations
 
+import http.client
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -66,6 +68,29 @@ def _status(url: str, data: bytes | None = None, key: str | None = None) -> int:
         return e.code
 
 
+def _oversized_status(base: str, chunked: bool) -> int:
+    """Status of a 1.1 MB chat request. With a Content-Length the server refuses it from the
+    headers alone, so only the headers are sent: sending the body too races the server's
+    close and the client sees a broken pipe instead of the 413. Chunked uploads have no
+    length, so the server reads the whole body before it refuses it."""
+    url = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    headers = {"Authorization": "Bearer sk-test-123", "Content-Type": "application/json"}
+    try:
+        if chunked:
+            pieces = [b'{"messages": [{"role": "user", "content": "']
+            pieces += [b"x" * 100_000] * 11 + [b'"}]}']
+            conn.request("POST", "/v1/chat/completions", iter(pieces), headers, encode_chunked=True)
+        else:
+            conn.putrequest("POST", "/v1/chat/completions")
+            for name, value in {**headers, "Content-Length": "1100000"}.items():
+                conn.putheader(name, value)
+            conn.endheaders()
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 def start_server(model: str, *extra: str, env: dict | None = None):
     """`lorafit serve` in a subprocess; returns (process, base URL) once /health answers."""
     import os
@@ -118,8 +143,8 @@ def test_server_guards_on_a_live_server(tiny_server):
     assert _status(base + "/v1/models") == 401
     assert _status(base + "/v1/models", key="wrong") == 401
     assert _status(base + "/v1/chat/completions", b"{not json", "sk-test-123") == 400
-    huge = b'{"messages": [{"role": "user", "content": "' + b"x" * 1_100_000 + b'"}]}'
-    assert _status(base + "/v1/chat/completions", huge, "sk-test-123") == 413
+    assert _oversized_status(base, chunked=False) == 413
+    assert _oversized_status(base, chunked=True) == 413
 
     client = OpenAI(base_url=base + "/v1", api_key="sk-test-123", max_retries=0)
     assert [m.id for m in client.models.list()] == ["tiny"]
