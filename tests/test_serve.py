@@ -69,23 +69,16 @@ def _status(url: str, data: bytes | None = None, key: str | None = None) -> int:
 
 
 def _oversized_status(base: str, chunked: bool) -> int:
-    """Status of a 1.1 MB chat request. With a Content-Length the server refuses it from the
-    headers alone, so only the headers are sent: sending the body too races the server's
-    close and the client sees a broken pipe instead of the 413. Chunked uploads have no
-    length, so the server reads the whole body before it refuses it."""
+    """Status of a 1.1 MB chat request sent in full, as a client does: with a Content-Length
+    (refused from the headers) or chunked with no length (refused as it arrives)."""
     url = urllib.parse.urlsplit(base)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
     headers = {"Authorization": "Bearer sk-test-123", "Content-Type": "application/json"}
+    pieces = [b'{"messages": [{"role": "user", "content": "']
+    pieces += [b"x" * 100_000] * 11 + [b'"}]}']
     try:
-        if chunked:
-            pieces = [b'{"messages": [{"role": "user", "content": "']
-            pieces += [b"x" * 100_000] * 11 + [b'"}]}']
-            conn.request("POST", "/v1/chat/completions", iter(pieces), headers, encode_chunked=True)
-        else:
-            conn.putrequest("POST", "/v1/chat/completions")
-            for name, value in {**headers, "Content-Length": "1100000"}.items():
-                conn.putheader(name, value)
-            conn.endheaders()
+        body = iter(pieces) if chunked else b"".join(pieces)
+        conn.request("POST", "/v1/chat/completions", body, headers, encode_chunked=chunked)
         return conn.getresponse().status
     finally:
         conn.close()
@@ -158,6 +151,11 @@ def test_server_guards_on_a_live_server(tiny_server):
         client.chat.completions.create(model="tiny", messages=[])
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=USER, max_tokens=10**6)
+    with pytest.raises(openai.APIStatusError, match="over 1000000 bytes") as refused:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x" * 1_100_000}]
+        )
+    assert refused.value.status_code == 413
 
 
 def test_load_on_loopback_no_crash_no_memory_growth(tiny_server):

@@ -48,6 +48,25 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", code:
     )
 
 
+# A refused body is still read (and dropped) up to this many times the limit before the
+# answer: a server that answers while the client is still sending closes on unread data, and
+# the client then sees a broken pipe instead of the 413 that says what is wrong.
+DRAIN_FACTOR = 4
+
+
+async def read_bounded_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None when it is over ``limit`` bytes. Memory stays bounded for
+    chunked uploads that send no length: an oversized body is dropped as it arrives."""
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit * DRAIN_FACTOR:
+            return None
+        if size <= limit:
+            parts.append(chunk)
+    return None if size > limit else b"".join(parts)
+
+
 def validate_chat_request(body, model_name: str, limits: ServeLimits):
     """Return (status, message) for a bad request, or None. Fills in defaults in ``body``."""
     if not isinstance(body, dict):
@@ -123,6 +142,8 @@ def build_app(
                 return _error(401, "missing or wrong API key", "authentication_error")
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > limits.max_request_bytes:
+            if int(size) <= limits.max_request_bytes * DRAIN_FACTOR:
+                await read_bounded_body(request, limits.max_request_bytes)
             return _error(413, f"request body over {limits.max_request_bytes} bytes")
         return await call_next(request)
 
@@ -139,8 +160,8 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        raw = await request.body()  # also bounds chunked uploads that send no length
-        if len(raw) > limits.max_request_bytes:
+        raw = await read_bounded_body(request, limits.max_request_bytes)
+        if raw is None:
             return _error(413, f"request body over {limits.max_request_bytes} bytes")
         try:
             body = json.loads(raw)
