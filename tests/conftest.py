@@ -19,8 +19,16 @@ def pytest_configure(config):
     """Tests track into a throwaway MLflow store, never the checkout's runs/mlflow.db."""
     import tempfile
 
-    store = Path(tempfile.mkdtemp(prefix="lorafit-mlflow-")) / "mlflow.db"
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    config._lorafit_mlflow = Path(tempfile.mkdtemp(prefix="lorafit-mlflow-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{config._lorafit_mlflow / 'mlflow.db'}"
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    store = getattr(config, "_lorafit_mlflow", None)
+    if store is not None:
+        shutil.rmtree(store, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
