@@ -50,7 +50,16 @@ def _loss_and_grads(model, batch, shared):
     return loss.detach(), count, grads
 
 
-def test_shared_prefix_gives_the_same_loss_and_gradients(lora_model, tokenizer):
+@pytest.fixture(params=["rows", "packed"])
+def attention(request, monkeypatch):
+    """Both ways the shared-prefix pass attends: row by row (SDPA models) or one packed mask."""
+    import lorafit.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "_uses_rows_attention", lambda lm: request.param == "rows")
+    return request.param
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients(lora_model, tokenizer, attention):
     batch = _packed(tokenizer, QUESTIONS)
     prefix, spans = shared_prefix_length(batch["input_ids"], batch["labels"], batch["position_ids"])
     # the whole system prompt and the user turn's opening tokens are shared
@@ -69,24 +78,27 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(lora_model, tokenizer):
         assert relative < 1e-4, (name, relative)
 
 
-def test_a_wrong_mask_would_be_caught(lora_model, tokenizer):
+def test_a_wrong_mask_would_be_caught(lora_model, tokenizer, attention, monkeypatch):
     """The comparison above can fail: drop the prefix from the rows' view and it differs."""
     import lorafit.loss as loss_module
 
     batch = _packed(tokenizer, QUESTIONS)
     plain, _, _ = _loss_and_grads(lora_model, batch, shared=False)
-    real = loss_module._suffix_mask
+    real_layout, real_mask = loss_module.RowLayout.of, loss_module._suffix_mask
 
-    def blind(spans, prefix, device):
-        mask = real(spans, prefix, device)
+    def blind_layout(spans, prefix, device):
+        layout = real_layout(spans, prefix, device)
+        layout.mask[..., :prefix] = False
+        return layout
+
+    def blind_mask(spans, prefix, device):
+        mask = real_mask(spans, prefix, device)
         mask[..., :prefix] = False
         return mask
 
-    loss_module._suffix_mask = blind
-    try:
-        broken, _, _ = _loss_and_grads(lora_model, batch, shared=True)
-    finally:
-        loss_module._suffix_mask = real
+    monkeypatch.setattr(loss_module.RowLayout, "of", blind_layout)
+    monkeypatch.setattr(loss_module, "_suffix_mask", blind_mask)
+    broken, _, _ = _loss_and_grads(lora_model, batch, shared=True)
     assert not torch.allclose(plain, broken, rtol=1e-5)
 
 
@@ -141,11 +153,13 @@ def test_training_uses_the_shared_prefix_after_checking_it(tmp_path, tiny_model_
     assert off["results"]["shared_prefix"] == 0
 
 
+@pytest.mark.parametrize("failure", ["differs", "raises"])
 def test_training_falls_back_when_the_shared_loss_differs(
-    tmp_path, tiny_model_dir, monkeypatch, caplog
+    tmp_path, tiny_model_dir, monkeypatch, caplog, failure
 ):
-    """A model whose attention would treat the prefix cache differently: the first-batch check
-    sees another loss, warns, and the run trains without sharing (never on the wrong loss)."""
+    """A model whose attention would treat the prefix cache differently (another loss, or an
+    error): the first-batch check warns, and the run trains without sharing (never on the
+    wrong loss)."""
     import lorafit.loss
 
     real = lorafit.loss._shared_prefix_loss
@@ -153,6 +167,8 @@ def test_training_falls_back_when_the_shared_loss_differs(
 
     def off_by_a_bit(*args, **kwargs):
         calls.append(1)
+        if failure == "raises":
+            raise RuntimeError("this attention takes no cache")
         loss, count = real(*args, **kwargs)
         return loss * 1.01, count
 

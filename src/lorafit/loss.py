@@ -12,15 +12,24 @@ prompt and the start of the user turn, about a third of a short glossary questio
 row; each row then attends to its keys and values as a cache. Gradients flow through the
 cache, so loss and gradients are the same as without sharing (a test compares them), for
 fewer FLOPs.
+
+Attention over that packed batch is computed row by row (``rows_attention``): the suffixes are
+gathered into a padded (rows, length) batch that attends to the shared prefix and to its own
+row only. One dense mask over the whole packed sequence would spend its FLOPs on row pairs that
+never see each other, and that cost grows with the square of the rows per batch.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 IGNORE = -100
 MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a second backbone call
+ROWS_ATTENTION = "lorafit_rows"
 
 
 def _causal_lm(model):
@@ -89,6 +98,85 @@ def _suffix_mask(spans, prefix: int, device) -> torch.Tensor:
     return torch.cat([seen, own], dim=1)[None, None]
 
 
+@dataclass
+class RowLayout:
+    """Where each row's suffix sits in the packed sequence, as a padded (rows, length) grid."""
+
+    gather: torch.Tensor  # (rows, length): packed suffix index of each grid cell
+    valid: torch.Tensor  # (rows, length): the cell holds a real token, not padding
+    mask: torch.Tensor  # (rows, 1, length, prefix + length): what each cell may attend to
+
+    @classmethod
+    def of(cls, spans, prefix: int, device) -> RowLayout:
+        lengths = torch.tensor([e - s - prefix for s, e in spans], device=device)
+        width = int(lengths.max())
+        starts = torch.cumsum(lengths, 0) - lengths
+        cells = torch.arange(width, device=device)
+        valid = cells[None, :] < lengths[:, None]
+        gather = (starts[:, None] + cells[None, :]).clamp(max=int(lengths.sum()) - 1)
+        causal = cells[None, :] <= cells[:, None]
+        own = causal[None] & valid[:, None, :]
+        seen = torch.ones(len(spans), width, prefix, dtype=torch.bool, device=device)
+        return cls(gather, valid, torch.cat([seen, own], dim=2)[:, None])
+
+
+def _rows(states: torch.Tensor, prefix: int, layout: RowLayout) -> torch.Tensor:
+    """(1, heads, prefix + packed, dim) -> (rows, heads, prefix + length, dim)."""
+    rows = layout.gather.shape[0]
+    shared = states[0, :, :prefix].unsqueeze(0).expand(rows, -1, -1, -1)
+    own = states[0, :, prefix:][:, layout.gather].transpose(0, 1)
+    return torch.cat([shared, own], dim=2)
+
+
+def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA over each packed row separately (see the module docstring); plain SDPA otherwise.
+
+    Registered with transformers' AttentionInterface; it takes ``lorafit_rows`` (a RowLayout)
+    from the backbone call's keyword arguments.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layout = kwargs.pop("lorafit_rows", None)
+    if layout is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    prefix = key.shape[2] - query.shape[2]
+    q = query[0][:, layout.gather].transpose(0, 1)  # (rows, heads, length, dim)
+    out = F.scaled_dot_product_attention(
+        q,
+        _rows(key, prefix, layout),
+        _rows(value, prefix, layout),
+        attn_mask=layout.mask,
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=q.shape[1] != key.shape[1],
+    )
+    packed = out.transpose(0, 1)[:, layout.valid]  # (heads, packed, dim), packed order
+    return packed.transpose(0, 1)[None].contiguous(), None
+
+
+@contextmanager
+def _attention_implementation(config, name: str):
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def _uses_rows_attention(lm) -> bool:
+    return lm.config._attn_implementation == "sdpa"  # rows_attention is SDPA, row by row
+
+
+def _register_rows_attention() -> None:
+    from transformers import AttentionInterface
+
+    if ROWS_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ROWS_ATTENTION, rows_attention)
+
+
 def answer_only_loss(
     model, inputs: dict, num_items_in_batch=None, shared_prefix: bool = False
 ) -> tuple[torch.Tensor, int]:
@@ -115,11 +203,17 @@ def _shared_prefix_loss(lm, backbone, inputs, prefix, spans, num_items_in_batch)
     cache = backbone(
         input_ids=ids[None, :prefix], position_ids=pos[None, :prefix], use_cache=True
     ).cache
-    hidden = backbone(
-        input_ids=ids[keep][None],
-        position_ids=pos[keep][None],
-        attention_mask=_suffix_mask(spans, prefix, ids.device),
-        cache=cache,
-        use_cache=True,
-    ).last_hidden_state
+    suffix = {"input_ids": ids[keep][None], "position_ids": pos[keep][None], "cache": cache}
+    if _uses_rows_attention(lm):
+        _register_rows_attention()
+        layout = RowLayout.of(spans, prefix, ids.device)
+        with _attention_implementation(lm.config, ROWS_ATTENTION):
+            # the grid mask is 4-D, so transformers passes it through untouched
+            hidden = backbone(
+                **suffix, attention_mask=layout.mask, use_cache=True, lorafit_rows=layout
+            ).last_hidden_state
+    else:  # other attention kernels: one mask over the whole packed suffix
+        hidden = backbone(
+            **suffix, attention_mask=_suffix_mask(spans, prefix, ids.device), use_cache=True
+        ).last_hidden_state
     return _head_loss(lm, hidden, labels[keep][None], num_items_in_batch)

@@ -153,7 +153,16 @@ def _trainer_class():
             try:
                 with torch.no_grad():
                     plain, _ = answer_only_loss(model, inputs)
-                    shared, _ = answer_only_loss(model, inputs, shared_prefix=True)
+                    try:
+                        shared, _ = answer_only_loss(model, inputs, shared_prefix=True)
+                    except Exception as e:  # an attention that cannot take the prefix cache
+                        log.warning(
+                            "train.shared_prefix failed on this model (%s); training "
+                            "without sharing",
+                            e,
+                        )
+                        self.lorafit_shared_prefix = False
+                        return False
             finally:
                 model.train()
             same = bool(torch.isclose(plain, shared, rtol=1e-4, atol=1e-5))
