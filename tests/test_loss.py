@@ -50,16 +50,7 @@ def _loss_and_grads(model, batch, shared):
     return loss.detach(), count, grads
 
 
-@pytest.fixture(params=["rows", "packed"])
-def attention(request, monkeypatch):
-    """Both ways the shared-prefix pass attends: row by row (SDPA models) or one packed mask."""
-    import lorafit.loss as loss_module
-
-    monkeypatch.setattr(loss_module, "_uses_rows_attention", lambda lm: request.param == "rows")
-    return request.param
-
-
-def test_shared_prefix_gives_the_same_loss_and_gradients(lora_model, tokenizer, attention):
+def test_shared_prefix_gives_the_same_loss_and_gradients(lora_model, tokenizer):
     batch = _packed(tokenizer, QUESTIONS)
     prefix, spans = shared_prefix_length(batch["input_ids"], batch["labels"], batch["position_ids"])
     # the whole system prompt and the user turn's opening tokens are shared
@@ -78,28 +69,41 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(lora_model, tokenizer, 
         assert relative < 1e-4, (name, relative)
 
 
-def test_a_wrong_mask_would_be_caught(lora_model, tokenizer, attention, monkeypatch):
+def test_a_wrong_mask_would_be_caught(lora_model, tokenizer, monkeypatch):
     """The comparison above can fail: drop the prefix from the rows' view and it differs."""
     import lorafit.loss as loss_module
 
     batch = _packed(tokenizer, QUESTIONS)
     plain, _, _ = _loss_and_grads(lora_model, batch, shared=False)
-    real_layout, real_mask = loss_module.RowLayout.of, loss_module._suffix_mask
+    real = loss_module.RowLayout.of
 
-    def blind_layout(spans, prefix, device):
-        layout = real_layout(spans, prefix, device)
+    def blind(spans, prefix, device):
+        layout = real(spans, prefix, device)
         layout.mask[..., :prefix] = False
         return layout
 
-    def blind_mask(spans, prefix, device):
-        mask = real_mask(spans, prefix, device)
-        mask[..., :prefix] = False
-        return mask
-
-    monkeypatch.setattr(loss_module.RowLayout, "of", blind_layout)
-    monkeypatch.setattr(loss_module, "_suffix_mask", blind_mask)
+    monkeypatch.setattr(loss_module.RowLayout, "of", blind)
     broken, _, _ = _loss_and_grads(lora_model, batch, shared=True)
     assert not torch.allclose(plain, broken, rtol=1e-5)
+
+
+def test_shared_prefix_works_whatever_attention_the_model_uses(tiny_model_dir, tokenizer):
+    """The suffix pass always attends row by row, so an eager-attention model gets the same
+    loss with and without sharing, and keeps its own attention afterwards."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(model, config).train()
+    batch = _packed(tokenizer, QUESTIONS)
+    plain, _, _ = _loss_and_grads(model, batch, shared=False)
+    shared, _, _ = _loss_and_grads(model, batch, shared=True)
+    assert torch.allclose(plain, shared, rtol=1e-5)
+    assert model.get_base_model().config._attn_implementation == "eager"
 
 
 def test_prefix_stops_before_any_answer_and_needs_two_rows(tokenizer):

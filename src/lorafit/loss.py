@@ -88,16 +88,6 @@ def shared_prefix_length(input_ids, labels, position_ids) -> tuple[int, list[tup
     return (length if length >= MIN_SHARED_PREFIX else 0), spans
 
 
-def _suffix_mask(spans, prefix: int, device) -> torch.Tensor:
-    """Boolean (1, 1, S, prefix + S): every suffix token sees the prefix and its own row."""
-    lengths = torch.tensor([e - s - prefix for s, e in spans], device=device)
-    row = torch.repeat_interleave(torch.arange(len(spans), device=device), lengths)
-    idx = torch.arange(row.numel(), device=device)
-    own = (row[:, None] == row[None, :]) & (idx[None, :] <= idx[:, None])
-    seen = torch.ones(row.numel(), prefix, dtype=torch.bool, device=device)
-    return torch.cat([seen, own], dim=1)[None, None]
-
-
 @dataclass
 class RowLayout:
     """Where each row's suffix sits in the packed sequence, as a padded (rows, length) grid."""
@@ -129,18 +119,12 @@ def _rows(states: torch.Tensor, prefix: int, layout: RowLayout) -> torch.Tensor:
 
 
 def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA over each packed row separately (see the module docstring); plain SDPA otherwise.
+    """SDPA over each packed row separately (see the module docstring).
 
-    Registered with transformers' AttentionInterface; it takes ``lorafit_rows`` (a RowLayout)
-    from the backbone call's keyword arguments.
+    Registered with transformers' AttentionInterface and switched on only for the suffix pass
+    of ``_shared_prefix_loss``, which passes ``lorafit_rows`` (a RowLayout) down the backbone.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    layout = kwargs.pop("lorafit_rows", None)
-    if layout is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+    layout = kwargs["lorafit_rows"]
     prefix = key.shape[2] - query.shape[2]
     q = query[0][:, layout.gather].transpose(0, 1)  # (rows, heads, length, dim)
     out = F.scaled_dot_product_attention(
@@ -164,10 +148,6 @@ def _attention_implementation(config, name: str):
         yield
     finally:
         config._attn_implementation = before
-
-
-def _uses_rows_attention(lm) -> bool:
-    return lm.config._attn_implementation == "sdpa"  # rows_attention is SDPA, row by row
 
 
 def _register_rows_attention() -> None:
@@ -203,17 +183,17 @@ def _shared_prefix_loss(lm, backbone, inputs, prefix, spans, num_items_in_batch)
     cache = backbone(
         input_ids=ids[None, :prefix], position_ids=pos[None, :prefix], use_cache=True
     ).cache
-    suffix = {"input_ids": ids[keep][None], "position_ids": pos[keep][None], "cache": cache}
-    if _uses_rows_attention(lm):
-        _register_rows_attention()
-        layout = RowLayout.of(spans, prefix, ids.device)
-        with _attention_implementation(lm.config, ROWS_ATTENTION):
-            # the grid mask is 4-D, so transformers passes it through untouched
-            hidden = backbone(
-                **suffix, attention_mask=layout.mask, use_cache=True, lorafit_rows=layout
-            ).last_hidden_state
-    else:  # other attention kernels: one mask over the whole packed suffix
+    _register_rows_attention()
+    layout = RowLayout.of(spans, prefix, ids.device)
+    # Whatever kernel the model uses, the suffix pass attends with rows_attention; the grid
+    # mask is 4-D, so transformers passes it through untouched.
+    with _attention_implementation(lm.config, ROWS_ATTENTION):
         hidden = backbone(
-            **suffix, attention_mask=_suffix_mask(spans, prefix, ids.device), use_cache=True
+            input_ids=ids[keep][None],
+            position_ids=pos[keep][None],
+            attention_mask=layout.mask,
+            cache=cache,
+            use_cache=True,
+            lorafit_rows=layout,
         ).last_hidden_state
     return _head_loss(lm, hidden, labels[keep][None], num_items_in_batch)
