@@ -5,6 +5,7 @@ import json
 import pytest
 from conftest import run_cli, write_jsonl
 
+from lorafit.data import formats
 from lorafit.data.formats import read_dataset
 from lorafit.errors import LorafitError
 
@@ -151,3 +152,25 @@ def test_data_check_reports_stats_and_warnings(tmp_path, embedded_dir):
     out = r.stdout + r.stderr
     assert "prompt/response" in out and "1 duplicate row" in out
     assert "1 row(s) longer than 128 tokens" in out
+
+
+def _write_many(path: str, marker: int) -> None:
+    for i in range(300):
+        formats.write_jsonl(path, [{"writer": marker, "i": i}])
+
+
+def test_processes_writing_one_file_at_once_never_collide(tmp_path):
+    """The ranks of a torchrun job write shared cache files: each writes through its own temp
+    file, so no rename finds its temp file taken by the other (CI failed on that once)."""
+    import multiprocessing
+
+    target = str(tmp_path / "shared.jsonl")
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_write_many, args=(target, m)) for m in (1, 2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in writers] == [0, 0]
+    assert json.loads((tmp_path / "shared.jsonl").read_text())["i"] == 299
+    assert not list(tmp_path.glob(".*.tmp"))

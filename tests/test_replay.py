@@ -76,6 +76,37 @@ def test_base_answers_are_generated_once_then_cached(tmp_path, monkeypatch, tiny
         )
 
 
+def test_a_process_that_waited_for_the_cache_lock_reuses_the_answers(
+    tmp_path, monkeypatch, tiny_model_dir
+):
+    """The ranks of a torchrun job share the cache: one answers, the others wait and reuse."""
+    import threading
+
+    import lorafit.inference
+    from lorafit.data.formats import write_jsonl
+    from lorafit.data.replay import _cache_file
+    from lorafit.paths import exclusive_lock
+
+    monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "home"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    monkeypatch.setattr(lorafit.inference, "generate", lambda *a, **k: [("late", True)])
+    cache = _cache_file(tiny_model_dir, prompts, None, 32)
+    result = []
+    with exclusive_lock(cache.with_suffix(".lock")):  # "rank 0" is answering
+        waiter = threading.Thread(
+            target=lambda: result.extend(
+                base_answers(None, None, tiny_model_dir, prompts, None, max_new_tokens=32)
+            )
+        )
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not result  # it waits instead of answering too
+        write_jsonl(cache, [{"prompt": "Hi", "response": "Hello!", "stopped": True}])
+    waiter.join(timeout=30)
+    assert result == [{"prompt": "Hi", "response": "Hello!", "stopped": True}]
+
+
 def test_made_up_terms_are_not_in_the_glossary_and_are_stable():
     terms = made_up_terms(GLOSSARY, 30, seed=0)
     assert len(set(terms)) == 30 and not {"atp", "mro"} & {t.casefold() for t in terms}

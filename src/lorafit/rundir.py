@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.errors import LorafitError
+from lorafit.paths import temp_sibling
 
 RUN_FILE = "run.json"
 ADAPTER_DIR = "adapter"
@@ -58,7 +59,7 @@ def file_sha256(path: str | Path) -> str:
 def write_json(path: str | Path, data: Any) -> None:
     """Atomic JSON write (temp file + rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_sibling(path)
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
     tmp.replace(path)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.errors import LorafitError
+from lorafit.paths import temp_sibling
 
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # name: (required keys, optional keys)
@@ -217,7 +218,7 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write rows as JSONL atomically (temp file + rename): never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_sibling(path)
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -21,7 +21,7 @@ import random
 from pathlib import Path
 
 from lorafit.data.formats import Example, write_jsonl
-from lorafit.paths import lorafit_home
+from lorafit.paths import exclusive_lock, lorafit_home
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,20 @@ def base_answers(
     Prompts are answered in batches until ``needed`` answers ended by themselves (all of them
     when ``needed`` is None); a later run that needs more extends the same cache.
     """
+    cache = _cache_file(model_dir, prompts_file, system_prompt, max_new_tokens)
+    # One process answers at a time: the ranks of a torchrun job (or two runs on one machine)
+    # share this cache, and the ones that waited find the answers there instead of regenerating.
+    with exclusive_lock(cache.with_suffix(".lock")):
+        return _answer_and_cache(
+            model, tokenizer, cache, prompts_file, system_prompt, needed, seed, max_new_tokens
+        )
+
+
+def _answer_and_cache(
+    model, tokenizer, cache, prompts_file, system_prompt, needed, seed, max_new_tokens
+) -> list[dict]:
     from lorafit.inference import chat_prompt, generate
 
-    cache = _cache_file(model_dir, prompts_file, system_prompt, max_new_tokens)
     known = {}
     if cache.is_file():
         known = {r["prompt"]: r for r in map(json.loads, cache.read_text().splitlines()) if r}
