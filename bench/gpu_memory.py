@@ -72,7 +72,7 @@ def measure(model_dir: Path, length: int, device: str, steps: int = 3) -> dict:
     model = load_model(cfg.model, model_dir, device)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model = get_peft_model(model, lora_config(cfg.lora))
+    model = get_peft_model(model, lora_config(cfg.lora, model))
     model.enable_input_require_grads()
     for param in model.parameters():
         if param.requires_grad:  # TRL keeps QLoRA adapters in bf16 (QLoRA paper, section 3)

@@ -54,6 +54,43 @@ def test_local_directory_loads(tiny_model_dir):
     assert model.config.num_hidden_layers == 2
 
 
+def test_top_layers_adapts_only_those_and_backward_stops_below_them(tiny_model_dir):
+    import torch
+    from peft import get_peft_model
+
+    from lorafit.config import LoraSection
+    from lorafit.model import lora_config
+
+    model = load_model(ModelSection(name=str(tiny_model_dir)), device="cpu")
+    config = lora_config(LoraSection(top_layers=1), model)
+    assert sorted(config.target_modules) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
+    peft_model = get_peft_model(model, config)
+    adapted = {
+        n.split(".layers.")[1].split(".")[0]
+        for n, _ in peft_model.named_parameters()
+        if "lora_" in n
+    }
+    assert adapted == {"1"}
+    reached = []
+    layers = peft_model.base_model.model.model.layers
+    layers[0].mlp.register_full_backward_hook(lambda *a: reached.append(0))
+    layers[1].mlp.register_full_backward_hook(lambda *a: reached.append(1))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert reached == [1]  # no gradient is computed through the layer below the adapters
+    # all layers (the default) when the model has no more than top_layers
+    assert lora_config(LoraSection(top_layers=2), model).layers_to_transform is None
+    assert lora_config(LoraSection(), model).layers_to_transform is None
+
+
 def test_embedded_model_is_materialized_as_safetensors(embedded_dir, tokenizer):
     assert (embedded_dir / "config.json").is_file()
     assert list(embedded_dir.glob("*.safetensors"))

@@ -185,3 +185,17 @@ def test_custom_system_prompt_travels_to_the_merged_model(tmp_path, tiny_model_d
     merge(run, tmp_path / "sys-merged")
     loaded = load_for_inference(tmp_path / "sys-merged", "cpu")
     assert loaded.system_prompt == "You answer brewing questions."
+
+
+def test_top_layers_run_trains_saves_and_merges(tmp_path, tiny_model_dir):
+    """An adapter on the top layer only goes through the whole train -> merge path."""
+    from lorafit.merge import merge
+
+    sets = {"lora.top_layers": 1, "train.max_steps": 10, "tracking.enabled": False}
+    run = train(_cfg(tmp_path, tiny_model_dir, **sets), show_progress=False)
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["layers_to_transform"] == [1]
+    losses = _losses(run)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    r = merge(run, tmp_path / "merged")
+    assert r["parity_ok"]

@@ -65,6 +65,13 @@ class LoraSection(_Section):
         description="Modules that get adapters; 'all-linear' = every linear "
         "layer except the LM head (measured: far better than q/v only).",
     )
+    top_layers: int | None = Field(
+        None,
+        gt=0,
+        description="Adapt only the top N decoder layers (None: all). Backward then stops "
+        "below them: faster and less memory, but it learns less per epoch (measured on the "
+        "embedded model: the top 15 of 30 layers, 1.33x faster, far higher loss).",
+    )
 
 
 class DataSection(_Section):

@@ -283,13 +283,35 @@ def load_model(cfg: ModelSection, model_dir: str | Path | None = None, device: s
     return model
 
 
-def lora_config(cfg: LoraSection):
+def lora_config(cfg: LoraSection, model=None):
+    """peft's LoraConfig; ``model`` is needed for ``top_layers`` (to count and name layers)."""
     from peft import LoraConfig
 
+    targets, layers = cfg.target_modules, None
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if cfg.top_layers is not None and num_layers and cfg.top_layers < num_layers:
+        layers = list(range(num_layers - cfg.top_layers, num_layers))
+        if targets == "all-linear":  # peft takes a layer subset only with named modules
+            targets = _linear_layer_names(model)
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=targets,
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
+    )
+
+
+def _linear_layer_names(model) -> list[str]:
+    """What peft's "all-linear" means, by name: every nn.Linear but the output head."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+        }
     )

@@ -572,7 +572,7 @@ def _train_tracked(
         train_dataset=_to_hf_dataset(train_rows),
         eval_dataset=_to_hf_dataset(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
-        peft_config=lora_config(config.lora),
+        peft_config=lora_config(config.lora, model),
         callbacks=(callbacks := _callbacks(run_dir, show_progress, tracker, writer)),
     )
     trainer.lorafit_config = config
