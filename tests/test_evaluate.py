@@ -2,7 +2,7 @@
 
 import pytest
 
-from lorafit.evaluate import judge, rouge_l
+from lorafit.evaluate import judge, rouge_l, score
 
 REF = (
     "ATP stands for Available to Promise. Stock on hand minus overdue orders; "
@@ -40,6 +40,22 @@ def test_wrong_answers(answer):
 def test_reference_without_key_words_needs_containment():
     assert judge("What is 2+2?", "4", "The answer is 4.")
     assert not judge("What is 2+2?", "4", "The answer is five.")
+
+
+def test_score_counts_refusals_of_real_terms():
+    """Over-refusal: the tuned model saying "I don't know" about a term it was taught."""
+    rows = [
+        {
+            "prompt": "What is ATP?",
+            "reference": "Available to Promise.",
+            "tuned": t,
+            "tuned_stopped": True,
+        }
+        for t in ("ATP means Available to Promise.", "I don't know that term.", "No idea.")
+    ]
+    m = score(rows, "tuned")
+    assert m["accuracy"] == pytest.approx(1 / 3)
+    assert m["refusal_rate"] == pytest.approx(1 / 3)  # "No idea." is wrong, not a refusal
 
 
 def test_rouge_l():

@@ -8,6 +8,8 @@ echoing the question earns nothing). An answer is correct when it contains at le
 them (KEY_RECALL). When the reference has no key words left, the answer must contain the
 whole reference. ``rouge_l`` is the ROUGE-L F1 (longest common subsequence of words).
 ``stop_rate`` is the share of answers that ended with the end-of-turn token by themselves.
+``refusal_rate`` is the share of held-out answers that decline ("I don't know that term"):
+over-refusal, the risk of teaching refusals for made-up terms.
 
 General ability (``general_accuracy``): the shipped probe set ``data/probes/general.jsonl``
 (arithmetic, geography, units, common sense, science, simple instructions) is answered by
@@ -202,6 +204,8 @@ def score(rows: list[dict], key: str) -> dict[str, float]:
         "accuracy": sum(judge(r["prompt"], r["reference"], r[key]) for r in rows) / n,
         "rouge_l": sum(rouge_l(r["reference"], r[key]) for r in rows) / n,
         "stop_rate": sum(r[f"{key}_stopped"] for r in rows) / n,
+        # over-refusal: "I don't know that term" for a term the model was taught
+        "refusal_rate": sum(refuses(r[key]) for r in rows) / n,
     }
 
 
@@ -212,6 +216,7 @@ METRIC_COLUMNS = (
     "stops by itself",
     "general ability",
     "invents unknown terms",
+    "declines real terms",
 )
 
 
@@ -224,6 +229,7 @@ def metric_cells(name: str, m: dict) -> list[str]:
     return [name, pct("accuracy"), f"{m['rouge_l']:.3f}", pct("stop_rate")] + [
         pct("general_accuracy"),
         pct("invented_rate"),
+        pct("refusal_rate"),
     ]
 
 
