@@ -11,6 +11,7 @@ FAST = """GLOSSARY = "data/glossaries/aviation.yaml"
 N_TERMS = 3
 EPOCHS = 1
 MAX_STEPS = -1
+MIN_STEPS = 0
 REPLAY = 0.0
 WORKDIR = "{workdir}"
 """

@@ -199,3 +199,18 @@ def test_top_layers_run_trains_saves_and_merges(tmp_path, tiny_model_dir):
     assert sum(losses[-3:]) < sum(losses[:3])
     r = merge(run, tmp_path / "merged")
     assert r["parity_ok"]
+
+
+def test_a_small_dataset_is_repeated_up_to_min_steps():
+    from lorafit.config import TrainSection
+    from lorafit.train import data_repeats, optimizer_steps
+
+    t = TrainSection()  # 2 epochs, effective batch 16, min_steps 60
+    assert optimizer_steps(88, t) == 12  # 8 glossary terms: 6 steps per epoch
+    assert data_repeats(88, t) == 6 and optimizer_steps(88 * 6, t) >= 60
+    assert optimizer_steps(88 * 5, t) < 60  # the fewest repeats that get there
+    assert data_repeats(748, t) == 1  # the demo's 68 terms already take 94 steps
+    assert data_repeats(88, t, world_size=2) == 11  # steps count effective batches
+    assert data_repeats(88, TrainSection(min_steps=0)) == 1
+    assert data_repeats(88, TrainSection(max_steps=20)) == 1  # an explicit budget rules
+    assert data_repeats(0, t) == 1

@@ -119,6 +119,13 @@ class TrainSection(_Section):
     max_steps: int = Field(
         -1, description="Stop after this many optimizer steps (-1 = use epochs)."
     )
+    min_steps: int = Field(
+        60,
+        ge=0,
+        description="A dataset too small for this many optimizer steps over `epochs` is "
+        "repeated until it has them (0 = off; ignored with max_steps). Measured: 8 glossary "
+        "terms at 2 epochs are 14 steps and learn 8% of held-out questions.",
+    )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (LoRA tolerates high rates).")
     batch_size: int = Field(
         8,

@@ -400,6 +400,23 @@ def train(
         return _train_locked(config, run_dir, resume, show_progress)
 
 
+def optimizer_steps(rows: int, t, world_size: int = 1) -> int:
+    """Optimizer steps of ``rows`` examples over ``t.epochs`` (a step = one effective batch)."""
+    per_epoch = math.ceil(rows / (t.batch_size * t.grad_accumulation * world_size))
+    return math.ceil(per_epoch * t.epochs)
+
+
+def data_repeats(rows: int, t, world_size: int = 1) -> int:
+    """How many times to repeat a small dataset so that training takes ``t.min_steps`` steps
+    (replay comes on top and only adds steps). 1 when it already has them or max_steps rules."""
+    if rows == 0 or t.min_steps <= 0 or t.max_steps > 0:
+        return 1
+    repeats = 1
+    while optimizer_steps(rows * repeats, t, world_size) < t.min_steps:
+        repeats += 1
+    return repeats
+
+
 def process_rank() -> tuple[int, int]:
     """(rank, world size) under torchrun / accelerate launch; (0, 1) in a plain process."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -430,6 +447,20 @@ def _train_locked(config: Config, run_dir: Path, resume: bool, show_progress: bo
     t = config.train
     torch.manual_seed(t.seed)
     model = load_model(config.model, model_dir, device)
+    repeats = data_repeats(len(train_rows), config.train, world_size)
+    if repeats > 1:
+        log.info(
+            "small dataset: %d rows are %d optimizer step(s) over %g epoch(s); repeating them "
+            "%dx to reach train.min_steps=%d (set it to 0 to turn this off)",
+            len(train_rows),
+            optimizer_steps(len(train_rows), config.train, world_size),
+            config.train.epochs,
+            repeats,
+            config.train.min_steps,
+        )
+        train_info["repeats"] = repeats
+        train_rows = train_rows * repeats
+    # replay is a share of the repeated rows: distinct general answers, not the same ones again
     replay_rows, replay_info = _replay(config, model, tokenizer, model_dir, len(train_rows))
     train_rows = train_rows + replay_rows
     run_info: dict[str, Any] = {
