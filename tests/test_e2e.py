@@ -65,6 +65,8 @@ def test_tuned_beats_base_on_held_out_phrasings(pipeline):
     assert m["base"]["accuracy"] <= 0.2
     assert m["tuned"]["accuracy"] >= 0.6 and m["tuned"]["accuracy"] > m["base"]["accuracy"]
     assert m["tuned"]["stop_rate"] >= 0.9  # stops by itself
+    # trained to say "I don't know" for made-up terms, it still answers the real ones
+    assert m["tuned"]["refusal_rate"] <= 0.1
     assert m["base"]["general_accuracy"] >= 0.5  # the probe set is answerable by the base model
     assert "general_accuracy" in m["tuned"]
 
