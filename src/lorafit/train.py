@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorafit.config import Config, dump_config
+from lorafit.config import Config, TrainSection, dump_config
 from lorafit.data.formats import read_dataset
 from lorafit.data.tokenize import Tokenized, tokenize_all
 from lorafit.errors import LorafitError
@@ -400,13 +400,13 @@ def train(
         return _train_locked(config, run_dir, resume, show_progress)
 
 
-def optimizer_steps(rows: int, t, world_size: int = 1) -> int:
+def optimizer_steps(rows: int, t: TrainSection, world_size: int = 1) -> int:
     """Optimizer steps of ``rows`` examples over ``t.epochs`` (a step = one effective batch)."""
     per_epoch = math.ceil(rows / (t.batch_size * t.grad_accumulation * world_size))
     return math.ceil(per_epoch * t.epochs)
 
 
-def data_repeats(rows: int, t, world_size: int = 1) -> int:
+def data_repeats(rows: int, t: TrainSection, world_size: int = 1) -> int:
     """How many times to repeat a small dataset so that training takes ``t.min_steps`` steps
     (replay comes on top and only adds steps). 1 when it already has them or max_steps rules."""
     if rows == 0 or t.min_steps <= 0 or t.max_steps > 0:
