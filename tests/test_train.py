@@ -214,3 +214,16 @@ def test_a_small_dataset_is_repeated_up_to_min_steps():
     assert data_repeats(88, TrainSection(min_steps=0)) == 1
     assert data_repeats(88, TrainSection(max_steps=20)) == 1  # an explicit budget rules
     assert data_repeats(0, t) == 1
+
+
+def test_a_second_run_into_the_same_directory_refuses_to_start(tmp_path):
+    from lorafit.rundir import RunLock
+
+    with RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text().isdigit()  # the holder's pid
+        with pytest.raises(LorafitError, match="another lorafit process"), RunLock(tmp_path):
+            pass
+        assert (tmp_path / ".lock").is_file()  # the refused one left the holder's lock alone
+    assert not (tmp_path / ".lock").exists()
+    with RunLock(tmp_path):  # free again once released
+        pass

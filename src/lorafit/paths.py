@@ -25,15 +25,16 @@ def temp_sibling(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if missing), waiting for it if another
-    process holds it; released when the block ends, and by the OS if the process dies."""
+def exclusive_lock(path: Path, wait: bool = True) -> Iterator[int]:
+    """Hold an exclusive lock on ``path`` (created if missing) and yield its descriptor.
+    Waits while another process holds it (``wait=False``: raises BlockingIOError at once);
+    released when the block ends, and by the OS if the process dies."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield fd
     finally:
         os.close(fd)

@@ -11,6 +11,7 @@ Layout written by ``lorafit train``:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.errors import LorafitError
-from lorafit.paths import temp_sibling
+from lorafit.paths import exclusive_lock, temp_sibling
 
 RUN_FILE = "run.json"
 ADAPTER_DIR = "adapter"
@@ -100,24 +101,18 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
-        self.fd: int | None = None
+        self._held = contextlib.ExitStack()
 
     def __enter__(self) -> RunLock:
-        import fcntl
-
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = self._held.enter_context(exclusive_lock(self.path, wait=False))
         except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
             raise LorafitError(
                 f"{self.path.parent}: another lorafit process is training into this directory"
             ) from None
-        os.write(self.fd, str(os.getpid()).encode())
+        os.write(fd, str(os.getpid()).encode())
+        self._held.callback(self.path.unlink, missing_ok=True)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.path.unlink(missing_ok=True)
+        self._held.close()
