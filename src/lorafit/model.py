@@ -283,13 +283,13 @@ def load_model(cfg: ModelSection, model_dir: str | Path | None = None, device: s
     return model
 
 
-def lora_config(cfg: LoraSection, model=None):
-    """peft's LoraConfig; ``model`` is needed for ``top_layers`` (to count and name layers)."""
+def lora_config(cfg: LoraSection, model):
+    """peft's LoraConfig for ``model`` (``top_layers`` counts and names its layers)."""
     from peft import LoraConfig
 
     targets, layers = cfg.target_modules, None
-    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if cfg.top_layers is not None and num_layers and cfg.top_layers < num_layers:
+    num_layers = model.config.num_hidden_layers
+    if cfg.top_layers is not None and cfg.top_layers < num_layers:
         layers = list(range(num_layers - cfg.top_layers, num_layers))
         if targets == "all-linear":  # peft takes a layer subset only with named modules
             targets = _linear_layer_names(model)
