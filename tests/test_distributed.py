@@ -48,6 +48,9 @@ def _train(tmp_path, tiny_model_dir, out, batch, *extra):
         "--set",
         "lora.r=4",
         *extra,
+        # an empty cache, as on CI: both ranks need the replay answers at once (they once
+        # raced on its temp file); one answers, the other waits and reuses them
+        env={"LORAFIT_HOME": str(tmp_path / out / "home")},
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp_path / out, r
@@ -77,6 +80,8 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir):
         digest.update(name.encode())
         digest.update(saved[name].float().numpy().tobytes())
     assert digest.hexdigest() == dist["ranks"][0]["adapter_sha256"]
+    [cache] = (two / "home" / "replay").glob("*.jsonl")  # answered once, into one file
+    assert cache.read_text().count("\n") > 0 and info["data"]["replay"] is not None
     losses = _losses(two)
     assert len(losses) == 12  # one metrics line per step: only rank 0 wrote
 
