@@ -161,7 +161,7 @@ def test_training_uses_the_shared_prefix_after_checking_it(tmp_path, tiny_model_
 def test_training_falls_back_when_the_shared_loss_differs(
     tmp_path, tiny_model_dir, monkeypatch, caplog, failure
 ):
-    """A model whose attention would treat the prefix cache differently (another loss, or an
+    """A model whose attention would treat the shared prefix differently (another loss, or an
     error): the first-batch check warns, and the run trains without sharing (never on the
     wrong loss)."""
     import lorafit.loss
@@ -172,7 +172,7 @@ def test_training_falls_back_when_the_shared_loss_differs(
     def off_by_a_bit(*args, **kwargs):
         calls.append(1)
         if failure == "raises":
-            raise RuntimeError("this attention takes no cache")
+            raise RuntimeError("this attention takes no custom mask")
         loss, count = real(*args, **kwargs)
         return loss * 1.01, count
 

@@ -141,7 +141,9 @@ def _trainer_class():
             if not model.training:
                 return False
             if self.args.gradient_checkpointing or not self.lorafit_config.train.shared_prefix:
-                self.lorafit_shared_prefix = False  # checkpointing drops the prefix cache
+                # checkpointing recomputes layers in backward, outside the pass that
+                # switched attention to rows_attention
+                self.lorafit_shared_prefix = False
                 return False
             import torch
 
@@ -155,7 +157,7 @@ def _trainer_class():
                     plain, _ = answer_only_loss(model, inputs)
                     try:
                         shared, _ = answer_only_loss(model, inputs, shared_prefix=True)
-                    except Exception as e:  # an attention that cannot take the prefix cache
+                    except Exception as e:  # an attention that cannot take the row mask
                         log.warning(
                             "train.shared_prefix failed on this model (%s); training "
                             "without sharing",
