@@ -284,7 +284,11 @@ def load_model(cfg: ModelSection, model_dir: str | Path | None = None, device: s
 
 
 def lora_config(cfg: LoraSection, model):
-    """peft's LoraConfig for ``model`` (``top_layers`` counts and names its layers)."""
+    """peft's LoraConfig for ``model`` (``top_layers`` counts and names its layers).
+
+    Full-precision linear layers get ``FusedLoraLinear`` (same maths, fewer passes over the
+    activations); the saved adapter is plain LoRA, loaded by any peft.
+    """
     from peft import LoraConfig
 
     targets, layers = cfg.target_modules, None
@@ -293,7 +297,7 @@ def lora_config(cfg: LoraSection, model):
         layers = list(range(num_layers - cfg.top_layers, num_layers))
         if targets == "all-linear":  # peft takes a layer subset only with named modules
             targets = _linear_layer_names(model)
-    return LoraConfig(
+    config = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -301,6 +305,13 @@ def lora_config(cfg: LoraSection, model):
         layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
+    if not getattr(model, "is_quantized", False):  # bnb's layers subclass nn.Linear too
+        import torch
+
+        from lorafit.lora_layer import FusedLoraLinear
+
+        config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+    return config
 
 
 def _linear_layer_names(model) -> list[str]:
