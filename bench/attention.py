@@ -5,8 +5,8 @@
 SmolLM2-135M's shapes (9 query heads, 3 key/value heads, head dim 64), a 24-token shared
 prefix and rows of 30-49 tokens, as in the demo. Both ways run one layer's attention forward
 and backward, alternating in one process; the outputs must agree. The baseline is what
-lorafit did before ``rows_attention``: SDPA over the packed suffix with one mask that lets each
-token see the prefix and its own row.
+lorafit did before ``rows_attention``: SDPA over the whole sequence (the prefix once, then the
+packed rows) with one mask that lets each token see the prefix and its own row.
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ HEADS, KV_HEADS, DIM, PREFIX = 9, 3, 64, 24
 
 
 def dense_mask(lengths: torch.Tensor) -> torch.Tensor:
+    """(1, 1, prefix + packed, prefix + packed): the prefix is causal; rows see it and themselves."""
     row = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
     idx = torch.arange(row.numel())
     own = (row[:, None] == row[None, :]) & (idx[None, :] <= idx[:, None])
-    return torch.cat([torch.ones(row.numel(), PREFIX, dtype=torch.bool), own], 1)[None, None]
+    suffix = torch.cat([torch.ones(row.numel(), PREFIX, dtype=torch.bool), own], 1)
+    causal = torch.ones(PREFIX, PREFIX, dtype=torch.bool).tril()
+    prefix = torch.cat([causal, torch.zeros(PREFIX, row.numel(), dtype=torch.bool)], 1)
+    return torch.cat([prefix, suffix], 0)[None, None]
 
 
 def compare(rows: int, repeats: int = 30) -> dict:
@@ -38,7 +42,7 @@ def compare(rows: int, repeats: int = 30) -> dict:
         start += PREFIX + n
     layout = RowLayout.of(spans, PREFIX, "cpu")
     mask = dense_mask(lengths)
-    q = torch.randn(1, HEADS, total, DIM, requires_grad=True)
+    q = torch.randn(1, HEADS, PREFIX + total, DIM, requires_grad=True)
     k = torch.randn(1, KV_HEADS, PREFIX + total, DIM, requires_grad=True)
     v = torch.randn(1, KV_HEADS, PREFIX + total, DIM, requires_grad=True)
     module = SimpleNamespace()
