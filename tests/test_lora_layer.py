@@ -21,22 +21,19 @@ def _pair(alpha=3, dropout=0.0):
     """The same weights wrapped by peft's own LoRA layer and by FusedLoraLinear."""
     torch.manual_seed(0)
     base = _Mlp()
-    plain_cfg = LoraConfig(
-        r=4,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=["up", "down"],
-        init_lora_weights=False,
-    )
-    fused_cfg = LoraConfig(
-        r=4,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=["up", "down"],
-        init_lora_weights=False,
-    )
+
+    def config():
+        return LoraConfig(
+            r=4,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=["up", "down"],
+            init_lora_weights=False,
+        )
+
+    fused_cfg = config()
     fused_cfg._register_custom_module({torch.nn.Linear: FusedLoraLinear})
-    plain = get_peft_model(_Mlp(), plain_cfg)
+    plain = get_peft_model(_Mlp(), config())
     fused = get_peft_model(_Mlp(), fused_cfg)
     for model in (plain, fused):
         model.base_model.model.load_state_dict(base.state_dict(), strict=False)
