@@ -13,8 +13,9 @@ sees ``prefix + every row's suffix`` as one sequence, and each suffix attends to
 keys and values and to its own row. Loss and gradients are the same as without sharing (a test
 compares them), for fewer FLOPs. One pass, not a separate prefix pass feeding a cache: a
 24-token pass multiplies every weight matrix for a handful of rows, at a fraction of the
-matmul rate (measured: the single pass is ~10% faster), and there is no cache for gradient
-checkpointing to drop.
+matmul rate (measured: the single pass is ~10% faster). Not under gradient checkpointing: its
+recompute runs outside the pass that switches attention to ``rows_attention`` (the trainer
+turns sharing off there).
 
 Attention is computed row by row (``rows_attention``): the prefix attends causally to itself;
 the suffixes are gathered into a padded (rows, length) batch that attends to the prefix and
@@ -114,9 +115,9 @@ class RowLayout:
         return cls(prefix, gather, valid, torch.cat([seen, own], dim=2)[:, None])
 
 
-def _rows(states: torch.Tensor, prefix: int, layout: RowLayout) -> torch.Tensor:
+def _rows(states: torch.Tensor, layout: RowLayout) -> torch.Tensor:
     """(1, heads, prefix + packed, dim) -> (rows, heads, prefix + length, dim)."""
-    rows = layout.gather.shape[0]
+    rows, prefix = layout.gather.shape[0], layout.prefix
     shared = states[0, :, :prefix].unsqueeze(0).expand(rows, -1, -1, -1)
     own = states[0, :, prefix:][:, layout.gather].transpose(0, 1)
     return torch.cat([shared, own], dim=2)
@@ -143,8 +144,8 @@ def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     q = query[0][:, prefix:][:, layout.gather].transpose(0, 1)  # (rows, heads, length, dim)
     out = F.scaled_dot_product_attention(
         q,
-        _rows(key, prefix, layout),
-        _rows(value, prefix, layout),
+        _rows(key, layout),
+        _rows(value, layout),
         attn_mask=layout.mask,
         dropout_p=dropout,
         scale=scaling,
