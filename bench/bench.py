@@ -88,7 +88,7 @@ def _rows(path: Path) -> list[dict]:
 def _accuracy(model, tokenizer, eval_rows, prompt_format) -> float:
     import torch
 
-    from lorafit.evaluate import judge
+    from lorafit.judge import judge
 
     model.eval()
     tokenizer.padding_side = "left"

@@ -2,7 +2,8 @@
 
 import pytest
 
-from lorafit.evaluate import judge, rouge_l, score
+from lorafit.evaluate import score
+from lorafit.judge import judge, rouge_l
 
 REF = (
     "ATP stands for Available to Promise. Stock on hand minus overdue orders; "
@@ -65,7 +66,7 @@ def test_rouge_l():
 
 
 def test_probe_judge_matches_whole_words():
-    from lorafit.evaluate import probe_correct
+    from lorafit.judge import probe_correct
 
     assert probe_correct("2 + 2 equals 4.", ["4", "four"])
     assert probe_correct("The answer is Four", ["4", "four"])

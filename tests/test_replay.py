@@ -15,7 +15,7 @@ from lorafit.data.replay import (
     replay_count,
     replay_examples,
 )
-from lorafit.evaluate import refuses
+from lorafit.judge import refuses
 
 GLOSSARY = Glossary(
     terms=(

@@ -9,6 +9,7 @@ from conftest import run_cli
 from mlflow.tracking import MlflowClient
 from test_train import _cfg
 
+from lorafit.config import EvalSection
 from lorafit.evaluate import evaluate
 from lorafit.merge import merge
 from lorafit.rundir import read_json
@@ -22,7 +23,9 @@ def tracked(tmp_path_factory, tiny_model_dir):
     second = train(
         _cfg(tmp, tiny_model_dir, out="lr-low", **{"train.lr": 1e-2}), show_progress=False
     )
-    evaluate(first, tmp / "eval.jsonl", limit=4, max_new_tokens=8, probes=None)
+    evaluate(
+        first, tmp / "eval.jsonl", settings=EvalSection(limit=4, max_new_tokens=8), probes=None
+    )
     merge(first, tmp / "merged")
     return tmp, first, second
 

@@ -114,12 +114,17 @@ def test_all_rows_truncated_away_fails(tmp_path, tiny_model_dir):
 
 
 def test_eval_writes_predictions_metrics_report(tiny_run, tmp_path):
+    from lorafit.config import EvalSection
     from lorafit.evaluate import evaluate
 
     data = write_jsonl(tmp_path / "e.jsonl", ROWS[:3])
     calls = []
     m = evaluate(
-        tiny_run, data, tmp_path / "ev", max_new_tokens=8, progress=lambda *a: calls.append(a)
+        tiny_run,
+        data,
+        tmp_path / "ev",
+        EvalSection(max_new_tokens=8),
+        progress=lambda *a: calls.append(a),
     )
     assert calls[-1][0] == calls[-1][1] > 6  # base + tuned over prompts and probes
     assert (
@@ -203,7 +208,7 @@ def test_top_layers_run_trains_saves_and_merges(tmp_path, tiny_model_dir):
 
 def test_a_small_dataset_is_repeated_up_to_min_steps():
     from lorafit.config import TrainSection
-    from lorafit.train import data_repeats, optimizer_steps
+    from lorafit.data.prepare import data_repeats, optimizer_steps
 
     t = TrainSection()  # 2 epochs, effective batch 16, min_steps 60
     assert optimizer_steps(88, t) == 12  # 8 glossary terms: 6 steps per epoch
@@ -224,6 +229,7 @@ def test_a_second_run_into_the_same_directory_refuses_to_start(tmp_path):
         with pytest.raises(LorafitError, match="another lorafit process"), RunLock(tmp_path):
             pass
         assert (tmp_path / ".lock").is_file()  # the refused one left the holder's lock alone
-    assert not (tmp_path / ".lock").exists()
-    with RunLock(tmp_path):  # free again once released
+    # the lock file stays (deleting a lock file another process may be opening is a race);
+    # the lock itself is free again once released
+    with RunLock(tmp_path):
         pass

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lorafit.data.generate import UNKNOWN_EVAL_TERMS
@@ -41,7 +42,11 @@ StoreOpt = Annotated[
 ]
 
 ConfigArg = Annotated[
-    Path | None, typer.Argument(help="YAML config (see configs/); defaults apply without one.")
+    str | None,
+    typer.Argument(
+        help="YAML config, or a shipped preset by name (demo, tinyllama-qlora-4gb); "
+        "defaults apply without one."
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -52,11 +57,16 @@ SetOpt = Annotated[
 def _setup() -> None:
     from dotenv import load_dotenv
 
-    load_dotenv(override=False)  # HF_TOKEN etc.; never printed
+    # HF_TOKEN etc. from the working directory's .env (never printed); the variables already
+    # set win
+    load_dotenv(Path.cwd() / ".env", override=False)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_rich_handler()])
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes 0.50 warns on import on bf16 CPUs that an optional kernel package is
+    # missing: nothing a user can act on, and it printed before every answer of `lorafit ask`
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # peft 0.21 calls a transformers 5 property that warns on every model wrap; nothing a user
     # can act on, and it repeats once per stage of the demo
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated")
@@ -64,6 +74,7 @@ def _setup() -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars per model
     except ImportError:  # pragma: no cover
         pass
 
@@ -74,7 +85,7 @@ def _rich_handler() -> logging.Handler:
     return RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
 
 
-def _config(config: Path | None, sets: list[str] | None, flags: dict | None = None):
+def _config(config: str | Path | None, sets: list[str] | None, flags: dict | None = None):
     from lorafit.config import load_config
 
     return load_config(config, sets, flags)
@@ -82,7 +93,7 @@ def _config(config: Path | None, sets: list[str] | None, flags: dict | None = No
 
 @data_app.command("generate")
 def data_generate(
-    glossary: Annotated[Path, typer.Argument(help="Glossary file (YAML, JSON or CSV).")],
+    glossary: Annotated[str, typer.Argument(help="Glossary file (YAML, JSON or CSV).")],
     out: Annotated[Path, typer.Option("--out", help="Directory for train.jsonl and eval.jsonl.")],
     seed: Annotated[int, typer.Option(help="Seed for phrasing choice and order.")] = 0,
     per_term: Annotated[int, typer.Option(help="Training phrasings per term (>= 8).", min=1)] = 8,
@@ -98,8 +109,14 @@ def data_generate(
     unknown_eval: Annotated[
         int, typer.Option(help="Held-out made-up terms (unknown.jsonl) for eval --unknown.", min=0)
     ] = UNKNOWN_EVAL_TERMS,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace data files a previous `data generate` wrote there.")
+    ] = False,
 ) -> None:
-    """Generate question/answer pairs from a glossary: every term in train, held-out paraphrases in eval."""
+    """Generate question/answer pairs from a glossary: every term in train, held-out paraphrases in eval.
+
+    GLOSSARY may be lorafit:glossaries/aviation.yaml, the example that ships with lorafit.
+    """
     from lorafit.data.generate import default_unknown_terms, write_generated
     from lorafit.data.glossary import load_glossary
 
@@ -111,13 +128,15 @@ def data_generate(
         seed=seed,
         unknown_train=unknown,
         unknown_eval=unknown_eval,
+        overwrite=overwrite,
         train_per_term=per_term,
         eval_per_term=eval_per_term,
     )
     console.print(
-        f"{len(g.terms)} terms -> [bold]{n_train}[/] train prompts ({train}; {unknown} about "
-        f'made-up terms, answered "I don\'t know"), [bold]{n_eval}[/] held-out prompts '
-        f"({evals}), {unknown_eval} held-out made-up terms ({Path(out) / 'unknown.jsonl'})"
+        f"{len(g.terms)} terms -> [bold]{n_train}[/] train prompts ({escape(str(train))}; "
+        f'{unknown} about made-up terms, answered "I don\'t know"), [bold]{n_eval}[/] held-out '
+        f"prompts ({escape(str(evals))}), {unknown_eval} held-out made-up terms "
+        f"({escape(str(Path(out) / 'unknown.jsonl'))})"
     )
 
 
@@ -127,7 +146,7 @@ def data_check(
     model: Annotated[str | None, typer.Option(help="Model whose tokenizer counts tokens.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Length limit to check against.")] = None,
     config: Annotated[
-        Path | None, typer.Option(help="Take model/max_length from a config.")
+        str | None, typer.Option(help="Take model/max_length from a config (file or preset).")
     ] = None,
 ) -> None:
     """Validate data files and print stats (rows, token lengths, duplicates, over-length rows)."""
@@ -147,7 +166,7 @@ def data_check(
         table.add_column(col)
     for r in reports:
         table.add_row(
-            r.path,
+            escape(r.path),
             r.format,
             str(r.rows),
             f"{r.min_tokens}/{r.mean_tokens:.0f}/{r.max_tokens}",
@@ -157,7 +176,7 @@ def data_check(
     console.print(table)
     for r in reports:
         for w in r.warnings:
-            console.print(f"[yellow]warning:[/] {w}")
+            console.print(f"[yellow]warning:[/] {escape(w)}")
 
 
 @app.command()
@@ -236,48 +255,19 @@ def train(
         },
     )
     if auto_fit:
-        cfg = _auto_fit(cfg, gpu_memory)
+        from lorafit.estimate import auto_fit as fit_to_budget
+
+        cfg, message = fit_to_budget(cfg, gpu_memory)
+        console.print(f"[yellow]{escape(message)}[/]")
     run_dir = run_train(cfg, overwrite=overwrite, resume=resume)
-    if os.environ.get("RANK", "0") != "0":
+    from lorafit.launch import process_rank
+
+    if process_rank()[0] != 0:
         return  # under torchrun, rank 0 reports
     console.print(
-        f"[green]done[/]: adapter and metrics in [bold]{run_dir}[/] (loss curve: {run_dir / 'loss.png'})"
+        f"[green]done[/]: adapter and metrics in [bold]{escape(str(run_dir))}[/] "
+        f"(loss curve: {escape(str(run_dir / 'loss.png'))})"
     )
-
-
-def _auto_fit(cfg, gpu_memory: str | None):
-    from lorafit.errors import LorafitError
-    from lorafit.estimate import (
-        apply,
-        check_budget,
-        estimate,
-        load_shape,
-        longest_row,
-        parse_bytes,
-        proposals,
-    )
-    from lorafit.model import best_device
-
-    if not gpu_memory:
-        raise LorafitError("--auto-fit needs --gpu-memory (the budget to fit), e.g. 4GiB")
-    shape, dtype = load_shape(cfg)
-    seq = longest_row(cfg)
-    device, budget = best_device(), parse_bytes(gpu_memory)
-    if check_budget(estimate(cfg, shape, device, dtype, seq), budget).fits:
-        console.print(f"[green]estimate fits {gpu_memory}[/]: settings unchanged")
-        return cfg
-    fixes = proposals(cfg, shape, device, budget, dtype, seq)
-    if not fixes:
-        raise LorafitError(
-            f"no setting change lorafit knows makes this run fit {gpu_memory}; see `lorafit "
-            "estimate` for the breakdown (a smaller model or more memory is needed)"
-        )
-    change = fixes[0]["set"]
-    console.print(
-        f"[yellow]auto-fit[/]: {', '.join(f'{k}={v}' for k, v in change.items())} "
-        f"(estimated peak {fixes[0]['peak_bytes'] / 2**30:.2f} GiB <= {gpu_memory})"
-    )
-    return apply(cfg, change)
 
 
 @app.command("eval")
@@ -287,9 +277,20 @@ def eval_cmd(
     output: Annotated[
         Path | None, typer.Option("--output", help="Where to write (default RUN_DIR/eval).")
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer length bound.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 48,
+    config: Annotated[
+        str | None,
+        typer.Option(help="Config whose eval section applies (default: the run's own config)."),
+    ] = None,
+    sets: SetOpt = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Only the first N prompts (eval.limit).")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Answer length bound (eval.max_new_tokens).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Prompts generated together (eval.batch_size).")
+    ] = None,
     no_probes: Annotated[
         bool, typer.Option("--no-probes", help="Skip the general-ability probe set.")
     ] = False,
@@ -301,32 +302,39 @@ def eval_cmd(
             "measures how often each model invents an answer.",
         ),
     ] = None,
+    store: StoreOpt = None,
 ) -> None:
     """Answer every prompt with the base and the tuned model; write predictions, metrics, report.
 
-    Also runs the general-ability probes (data/probes/general.jsonl) on both models and
+    Also runs the general-ability probes (lorafit:probes/general.jsonl) on both models and
     reports base/tuned general_accuracy and the probes that regressed.
     """
     from lorafit.evaluate import DEFAULT_PROBES, evaluate
     from lorafit.progress import answer_progress
+    from lorafit.rundir import RunDir
 
+    flags = {
+        "eval.limit": limit,
+        "eval.max_new_tokens": max_new_tokens,
+        "eval.batch_size": batch_size,
+    }
+    cfg = _config(config or RunDir.existing(run_dir).config_file, sets, flags)
     with answer_progress() as progress:
         m = evaluate(
             run_dir,
             data,
             output,
-            max_new_tokens,
-            batch_size,
-            limit,
+            cfg.eval,
             progress=progress,
             probes=None if no_probes else DEFAULT_PROBES,
             unknown=unknown,
+            store=store,
         )
     _print_metrics(m)
 
 
 def _print_metrics(m: dict) -> None:
-    from lorafit.evaluate import METRIC_COLUMNS, metric_cells
+    from lorafit.report import METRIC_COLUMNS, metric_cells
 
     table = Table(title=f"held-out evaluation ({m['n']} prompts)")
     for col in METRIC_COLUMNS:
@@ -336,23 +344,26 @@ def _print_metrics(m: dict) -> None:
     console.print(table)
     if m.get("general_regressions"):
         console.print(
-            f"[yellow]general-ability regressions:[/] {'; '.join(m['general_regressions'])}"
+            f"[yellow]general-ability regressions:[/] {escape('; '.join(m['general_regressions']))}"
         )
-    console.print(f"written to {m['output']}")
+    console.print(f"written to {escape(m['output'])}")
 
 
 @app.command()
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="A training run directory.")],
     output: Annotated[Path, typer.Option("--output", help="Directory for the merged model.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a merged model lorafit wrote there before.")
+    ] = False,
+    store: StoreOpt = None,
 ) -> None:
     """Merge the adapter into the full-precision base: a model plain transformers loads."""
     from lorafit.merge import merge as run_merge
 
-    r = run_merge(run_dir, output, overwrite)
+    r = run_merge(run_dir, output, overwrite, store)
     console.print(
-        f"[green]merged[/] into {r['output']}; parity: max |logit diff| "
+        f"[green]merged[/] into {escape(r['output'])}; parity: max |logit diff| "
         f"{r['max_abs_logit_diff']:.2e} <= {r['tolerance']:.0e}"
     )
 
@@ -410,7 +421,9 @@ def demo(
     output: Annotated[
         Path | None, typer.Option("--output", help="Demo directory (default runs/demo-<time>).")
     ] = None,
-    config: Annotated[Path, typer.Option(help="Config to train with.")] = Path("configs/demo.yaml"),
+    config: Annotated[
+        str, typer.Option(help="Config to train with: a file, or a shipped preset by name.")
+    ] = "demo",
     sets: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing demo directory.")] = False,
 ) -> None:
@@ -418,9 +431,7 @@ def demo(
     from lorafit.demo import run_demo
     from lorafit.paths import default_run_dir
 
-    cfg = _config(config if config.is_file() else None, sets)
-    if not cfg.data.glossary:
-        cfg.data.glossary = "data/glossaries/aviation.yaml"
+    cfg = _config(config, sets)
     out = output or default_run_dir("demo")
     result = run_demo(cfg, out, overwrite=overwrite, console=console)
     table = Table(title="base vs tuned (held-out phrasings)", show_lines=True)
@@ -428,9 +439,9 @@ def demo(
         table.add_column(col, overflow="fold")
     for s in result.samples:
         table.add_row(
-            s["prompt"],
-            ("✅ " if s["base_correct"] else "❌ ") + s["base"][:160],
-            ("✅ " if s["tuned_correct"] else "❌ ") + s["tuned"][:160],
+            escape(s["prompt"]),
+            ("✅ " if s["base_correct"] else "❌ ") + escape(s["base"][:160]),
+            ("✅ " if s["tuned_correct"] else "❌ ") + escape(s["tuned"][:160]),
         )
     console.print(table)
     _print_metrics(result.metrics)
@@ -442,12 +453,41 @@ def demo(
         seed_table.add_column("question")
         seed_table.add_column("tuned answer", overflow="fold")
         for q in result.seed_questions:
-            seed_table.add_row(q["prompt"], ("✅ " if q["correct"] else "❌ ") + q["answer"][:200])
+            seed_table.add_row(
+                escape(q["prompt"]), ("✅ " if q["correct"] else "❌ ") + escape(q["answer"][:200])
+            )
         console.print(seed_table)
     out = Path(result.metrics["output"])
-    console.print(f"report: {out / 'report.html'} (also {out / 'report.md'})")
-    console.print(f"run: {result.run_dir}  merged model: {result.merged_dir}")
-    console.print(f'try it: [bold]lorafit ask {result.merged_dir} "What is ATP?"[/]')
+    console.print(
+        f"report: {escape(str(out / 'report.html'))} (also {escape(str(out / 'report.md'))})"
+    )
+    console.print(
+        f"run: {escape(str(result.run_dir))}  merged model: {escape(str(result.merged_dir))}"
+    )
+    console.print(f'try it: [bold]lorafit ask {escape(str(result.merged_dir))} "What is ATP?"[/]')
+
+
+@app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="Where to write them (default: here).")] = Path(
+        "."
+    ),
+) -> None:
+    """Start a project: editable copies of the demo config and the example glossary.
+
+    Writes lorafit.yaml (the demo preset) and glossary.yaml (the shipped aviation glossary)
+    into FOLDER; existing files are never replaced.
+    """
+    from lorafit.shipped import init_project
+
+    written = init_project(folder)
+    for path in written:
+        console.print(f"[green]wrote[/] {escape(str(path))}")
+    here = "" if folder == Path(".") else f"cd {escape(str(folder))} && "
+    console.print(
+        f"edit glossary.yaml, then: [bold]{here}lorafit demo --config lorafit.yaml[/] "
+        "(paths in lorafit.yaml are relative to the working directory)"
+    )
 
 
 @app.command()
@@ -463,27 +503,25 @@ def estimate(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Predict peak GPU memory and CPU RAM of a training run from the model's config alone,
-    broken down (weights, LoRA + optimizer, activations, logits, overhead); with --gpu-memory,
-    say whether it fits and which settings would."""
+    """Predict a training run's peak GPU memory and CPU RAM, and what would make it fit.
+
+    From the model's config alone (no weights), broken down: weights, LoRA + optimizer,
+    activations, logits, overhead. With --gpu-memory: whether it fits, and which settings
+    would (`train --auto-fit` applies the first).
+    """
     import json as json_module
 
-    from lorafit.estimate import check_budget, load_shape, longest_row, parse_bytes, proposals
-    from lorafit.estimate import estimate as run_estimate
-    from lorafit.model import best_device
+    from lorafit.estimate import plan
 
     cfg = _config(config, sets)
-    shape, dtype = load_shape(cfg)
-    seq = longest_row(cfg)
-    dev = device or best_device()
-    budget = parse_bytes(gpu_memory) if gpu_memory else None
-    e = check_budget(run_estimate(cfg, shape, dev, dtype, seq), budget)
-    fixes = proposals(cfg, shape, dev, budget, dtype, seq) if budget and not e.fits else []
+    planned = plan(cfg, gpu_memory, device)
+    e, fixes = planned.estimate, planned.proposals
+    dev, budget = e.device, e.budget_bytes
     if as_json:
         print(json_module.dumps({**e.to_dict(), "proposals": fixes}, indent=1))
         return
     gib = 2**30
-    table = Table(title=f"estimated peak memory: {cfg.model.name} on {dev}")
+    table = Table(title=f"estimated peak memory: {escape(cfg.model.name)} on {dev}")
     table.add_column("part")
     table.add_column("GiB", justify="right")
     for name, value in (
@@ -499,7 +537,7 @@ def estimate(
     table.add_row("[bold]CPU RAM peak[/]", f"[bold]{e.cpu_peak_bytes / gib:.2f}[/]")
     console.print(table)
     for note in e.notes:
-        console.print(f"[dim]{note}[/]")
+        console.print(f"[dim]{escape(note)}[/]")
     if budget is not None:
         verdict = "[green]fits[/]" if e.fits else "[red]does not fit[/]"
         console.print(f"{verdict} in {budget / gib:.2f} GiB")
@@ -520,7 +558,10 @@ def export_gguf(
             "--type", help="f16 (same answers as the merged model) or q8_0 (half the size)."
         ),
     ] = "f16",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a GGUF lorafit exported there before.")
+    ] = False,
+    store: StoreOpt = None,
 ) -> None:
     """Write a GGUF for llama.cpp / Ollama / LM Studio, plus an Ollama Modelfile beside it.
 
@@ -530,7 +571,7 @@ def export_gguf(
     """
     from lorafit.export import export_gguf as run_export
 
-    r = run_export(model, output, gguf_type, overwrite)
+    r = run_export(model, output, gguf_type, overwrite, store)
     table = Table(title=f"GGUF round trip ({r['type']}, {r['bytes'] / 2**20:.0f} MiB)")
     for col in ("check", "result"):
         table.add_column(col)
@@ -548,8 +589,11 @@ def export_gguf(
         "llama.cpp", f"{llama['agreement']:.0%} same answers" if llama["checked"] else llama["why"]
     )
     console.print(table)
-    console.print(f"[green]wrote[/] {r['gguf']} and {r['modelfile']}")
-    console.print(f"ollama: cd {Path(r['gguf']).parent} && ollama create my-model -f Modelfile")
+    console.print(f"[green]wrote[/] {escape(r['gguf'])} and {escape(r['modelfile'])}")
+    console.print(
+        f"ollama: cd {escape(str(Path(r['gguf']).parent))} && ollama create my-model -f "
+        f"{escape(Path(r['modelfile']).name)}"
+    )
 
 
 @app.command()
@@ -581,7 +625,7 @@ def serve(
     from lorafit.serve import ServeLimits
     from lorafit.serve import serve as run_serve
 
-    console.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
+    console.print(f"serving {escape(model)} on http://{host}:{port}/v1 (Ctrl-C stops)")
     run_serve(model, host, port, api_key, ServeLimits(max_tokens=max_tokens), name)
 
 
@@ -594,14 +638,16 @@ def runs(
     """Runs in the MLflow store, best held-out accuracy first."""
     if ctx.invoked_subcommand is not None:
         return
-    from lorafit.tracking import list_runs, tracking_uri
+    from lorafit.tracking import list_runs, redact_uri, tracking_uri
 
     uri = tracking_uri(store)
     rows = list_runs(uri, limit)
     if not rows:
-        console.print(f"no runs in {uri} yet: train one (lorafit train / lorafit demo)")
+        console.print(
+            f"no runs in {escape(redact_uri(uri))} yet: train one (lorafit train / lorafit demo)"
+        )
         return
-    table = Table(title=f"lorafit runs ({uri})")
+    table = Table(title=f"lorafit runs ({escape(redact_uri(uri))})")
     for col in (
         "name",
         "base model",
@@ -619,9 +665,9 @@ def runs(
 
     for r in rows:
         table.add_row(
-            r["name"],
-            r["base_model"] or "-",
-            r["data"],
+            escape(r["name"] or "-"),
+            escape(r["base_model"] or "-"),
+            escape(r["data"]),
             pct(r["heldout_accuracy"]),
             pct(r["base_accuracy"]),
             "-" if r["final_loss"] is None else f"{r['final_loss']:.3f}",
@@ -645,7 +691,7 @@ def runs_compare(
     for col in ("key", *c["names"]):
         table.add_column(col, overflow="fold")
     for key, (va, vb) in c["params"].items():
-        table.add_row(key, str(va), str(vb))
+        table.add_row(escape(key), escape(str(va)), escape(str(vb)))
     if not c["params"]:
         table.add_row("(none)", "", "")
     console.print(table)
@@ -668,7 +714,11 @@ def doctor() -> None:
     bad = 0
     for c in run_checks():
         bad += not c.ok
-        table.add_row(c.name, c.value if c.ok else f"[red]{c.value}[/]", "" if c.ok else c.advice)
+        table.add_row(
+            c.name,
+            escape(c.value) if c.ok else f"[red]{escape(c.value)}[/]",
+            "" if c.ok else escape(c.advice),
+        )
     console.print(table)
     if bad:
         raise typer.Exit(1)
@@ -679,7 +729,8 @@ def main() -> None:
     try:
         app()
     except LorafitError as e:
+        # the message names files and values: print it as text, never as rich markup
         Console(stderr=True, soft_wrap=True).print(
-            f"[bold red]error:[/] {e}", highlight=False, markup=True
+            f"[bold red]error:[/] {escape(str(e))}", highlight=False
         )
         sys.exit(2)

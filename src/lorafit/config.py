@@ -14,10 +14,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lorafit.data.replay import REPLAY_MAX_NEW_TOKENS
 from lorafit.errors import LorafitError
+from lorafit.shipped import preset
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+# Only base answers that end within this many tokens are replayed: long answers cost the most
+# training time per row and are mostly the base model's rambling arithmetic (measured on the
+# demo, see README).
+REPLAY_MAX_NEW_TOKENS = 32
 
 
 class _Section(BaseModel):
@@ -76,7 +80,9 @@ class LoraSection(_Section):
 
 class DataSection(_Section):
     glossary: str | None = Field(
-        None, description="Glossary file the demo generates its training data from."
+        None,
+        description="Glossary file the demo generates its training data from "
+        "(lorafit:glossaries/aviation.yaml is the shipped example).",
     )
     train: str | None = Field(None, description="Training file (JSONL/JSON, format detected).")
     eval: str | None = Field(None, description="Held-out evaluation file.")
@@ -92,7 +98,7 @@ class DataSection(_Section):
         ge=0,
         lt=1,
         description="Share of self-generated general examples mixed into training (the base "
-        "model's own answers to data/replay/general.jsonl), so the tuned model keeps its general "
+        "model's own answers to the shipped general prompts), so the tuned model keeps its general "
         "abilities; 0 turns it off.",
     )
     unknown_terms: int | None = Field(
@@ -108,7 +114,9 @@ class DataSection(_Section):
         "cost more training time than they protect; measured on the demo).",
     )
     replay_prompts: str | None = Field(
-        None, description="JSONL of {prompt} for replay (default: the shipped general set)."
+        None,
+        description="JSONL of {prompt} for replay (None: the shipped general set, "
+        "lorafit:replay/general.jsonl).",
     )
 
 
@@ -250,10 +258,8 @@ def load_config(
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise LorafitError(f"{path}: config file not found")
+        path = preset(path)  # a file, or a shipped preset ("demo", configs/demo.yaml installed)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:

@@ -1,6 +1,6 @@
 """`lorafit demo`: the main job in one command, on the embedded model and shipped glossary.
 
-generate data -> train (configs/demo.yaml) -> evaluate base vs tuned -> merge -> show answers.
+generate data -> train (the `demo` preset) -> evaluate base vs tuned -> merge -> show answers.
 
     lorafit demo --output runs/demo
 """
@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit.config import Config
+from lorafit.data.formats import read_jsonl_lines
 from lorafit.data.generate import write_generated
 from lorafit.data.glossary import load_glossary
 from lorafit.errors import LorafitError
-from lorafit.rundir import write_json
+from lorafit.judge import judge
+from lorafit.paths import refuse_unsafe_target
+from lorafit.rundir import RunDir, write_json
 
 # The seed project's own test questions, and the glossary term each one asks about.
 SEED_QUESTIONS = (
@@ -45,7 +47,6 @@ class DemoResult:
 def ask_seed_questions(model_dir: Path, glossary, max_new_tokens: int = 64) -> list[dict]:
     """Ask the seed's questions whose term is in ``glossary``; judge against its answer."""
     from lorafit.data.generate import answer_for
-    from lorafit.evaluate import judge
     from lorafit.inference import chat_prompt, generate, load_for_inference
 
     terms = {t.term: t for t in glossary.terms}
@@ -92,10 +93,22 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
 
     if not config.data.glossary:
         raise LorafitError("the demo config needs data.glossary (a glossary file)")
+    output = Path(output)
+    if overwrite:
+        refuse_unsafe_target(output, "--output")
+    elif output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise LorafitError(
+            f"{output}: already exists; choose another --output or pass --overwrite to replace "
+            "the demo in it"
+        )
     glossary = load_glossary(config.data.glossary)
     data_dir = output / "data"
     train_path, eval_path, n_train, n_eval = write_generated(
-        glossary, data_dir, seed=config.data.seed, unknown_train=config.data.unknown_terms
+        glossary,
+        data_dir,
+        seed=config.data.seed,
+        unknown_train=config.data.unknown_terms,
+        overwrite=overwrite,
     )
     say(
         f"[bold]1/4 data[/]: {len(glossary.terms)} terms -> {n_train} train / {n_eval} held-out "
@@ -117,21 +130,19 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         metrics = evaluate(
             run_dir,
             eval_path,
-            max_new_tokens=config.eval.max_new_tokens,
-            batch_size=config.eval.batch_size,
-            limit=config.eval.limit,
+            settings=config.eval,
             progress=progress,
             unknown=data_dir / "unknown.jsonl" if (data_dir / "unknown.jsonl").is_file() else None,
         )
     lap("eval")
     gc.collect()
     say("[bold]4/4 merge[/]")
-    merged_dir = output / "merged"
+    merged_dir = output / RunDir.MERGED
     merge_report = merge(run_dir, merged_dir, overwrite=overwrite)
     lap("merge")
     pred_file = Path(metrics["output"]) / "predictions.jsonl"
     gc.collect()
-    rows = [json.loads(line) for line in pred_file.read_text().splitlines()]
+    rows = read_jsonl_lines(pred_file)
     samples = rows[:: max(1, len(rows) // 6)][:6]
     seed = ask_seed_questions(merged_dir, glossary, config.eval.max_new_tokens)
     write_json(output / "seed_questions.json", seed)

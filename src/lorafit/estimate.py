@@ -93,18 +93,16 @@ def load_shape(config: Config) -> tuple[ModelShape, str]:
     """The model's shape from its config.json only (a Hub model: one small download)."""
     from transformers import AutoConfig
 
-    from lorafit.model import resolve_source
+    from lorafit.model import hub_config, materialize_gguf, resolve_source
 
     source = resolve_source(config.model.name)
-    if source.kind in ("embedded", "gguf"):
-        from lorafit.model import materialize_gguf
-
-        target = str(materialize_gguf(source.path))
+    if source.kind == "hub":  # cache, then the copy shipped for presets, then the network
+        hf = hub_config(source, config.model.revision, config.model.trust_remote_code)
     else:
-        target = str(source.path)
-    hf = AutoConfig.from_pretrained(
-        target, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
-    )
+        target = source.path
+        if source.kind in ("embedded", "gguf"):
+            target = str(materialize_gguf(source.path))
+        hf = AutoConfig.from_pretrained(target, trust_remote_code=config.model.trust_remote_code)
     dtype = str(getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) or "float32")
     return shape_from_config(hf), dtype.removeprefix("torch.")
 
@@ -293,3 +291,48 @@ def apply(config: Config, change: dict[str, Any]) -> Config:
         section, name = key.split(".", 1)
         data[section][name] = value
     return Config.model_validate(data)
+
+
+@dataclass
+class Planned:
+    """What ``lorafit estimate`` shows: the estimate, and the changes that would fit a budget."""
+
+    config: Config
+    estimate: Estimate
+    proposals: list[dict] = field(default_factory=list)
+
+
+def plan(config: Config, budget: str | None = None, device: str | None = None) -> Planned:
+    """Estimate ``config``'s peak memory on ``device`` (default: this machine's best); with a
+    ``budget`` (e.g. "4GiB"), whether it fits and which setting changes would."""
+    from lorafit.model import best_device
+
+    shape, dtype = load_shape(config)
+    seq = longest_row(config)
+    device = device or best_device()
+    limit = parse_bytes(budget) if budget else None
+    e = check_budget(estimate(config, shape, device, dtype, seq), limit)
+    fixes = proposals(config, shape, device, limit, dtype, seq) if limit and not e.fits else []
+    return Planned(config, e, fixes)
+
+
+def auto_fit(config: Config, budget: str | None) -> tuple[Config, str]:
+    """``train --auto-fit``: ``config`` unchanged when it fits ``budget``, else with the first
+    setting change that fits; and a line saying which."""
+    from lorafit.errors import LorafitError
+
+    if not budget:
+        raise LorafitError("--auto-fit needs --gpu-memory (the budget to fit), e.g. 4GiB")
+    planned = plan(config, budget)
+    if planned.estimate.fits:
+        return config, f"estimate fits {budget}: settings unchanged"
+    if not planned.proposals:
+        raise LorafitError(
+            f"no setting change lorafit knows makes this run fit {budget}; see `lorafit "
+            "estimate` for the breakdown (a smaller model or more memory is needed)"
+        )
+    first = planned.proposals[0]
+    change = ", ".join(f"{k}={v}" for k, v in first["set"].items())
+    return apply(config, first["set"]), (
+        f"auto-fit: {change} (estimated peak {first['peak_bytes'] / GiB:.2f} GiB <= {budget})"
+    )

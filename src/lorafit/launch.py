@@ -52,3 +52,46 @@ def launch_torchrun(argv: list[str], nproc: int, nnodes: int = 1, rdzv: str | No
     cmd = torchrun_command(argv, nproc, nnodes, rdzv)
     log.info("starting: %s", " ".join(cmd[1:]))
     return subprocess.call(cmd)
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) under torchrun / accelerate launch; (0, 1) in a plain process."""
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def training_device(world_size: int) -> str:
+    """This process's device: its own GPU under torchrun, else the best one there is."""
+    import os
+
+    from lorafit.model import best_device
+
+    device = best_device()
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
+def rank_agreement(model, history: list[dict], world_size: int) -> dict | None:
+    """Under several processes: every rank's adapter checksum and last logged loss (must agree)."""
+    if world_size < 2:
+        return None
+    import hashlib
+
+    import torch.distributed as dist
+
+    digest = hashlib.sha256()
+    # named like the saved adapter file's tensors, so the file can be checked against it
+    params = {n.replace(".default", ""): p for n, p in model.named_parameters() if p.requires_grad}
+    for name in sorted(params):
+        digest.update(name.encode())
+        digest.update(params[name].detach().float().cpu().numpy().tobytes())
+    losses = [h["loss"] for h in history if "loss" in h]
+    mine = {"adapter_sha256": digest.hexdigest(), "final_loss": losses[-1] if losses else None}
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    same = len({g["adapter_sha256"] for g in gathered}) == 1
+    if not same:
+        log.warning("ranks ended with different adapter weights: %s", gathered)
+    return {"world_size": world_size, "ranks": gathered, "adapters_identical": same}

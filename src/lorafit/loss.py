@@ -25,11 +25,12 @@ row pairs that never see each other, and that cost grows with the square of the 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from lorafit.hooks import ROWS_KWARG, attention_implementation, register_attention
 
 IGNORE = -100
 MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a second backbone call
@@ -129,7 +130,7 @@ def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     Registered with transformers' AttentionInterface and switched on only for the pass of
     ``_shared_prefix_loss``, which passes ``lorafit_rows`` (a RowLayout) down the backbone.
     """
-    layout = kwargs["lorafit_rows"]
+    layout = kwargs[ROWS_KWARG]
     prefix = layout.prefix
     gqa = query.shape[1] != key.shape[1]
     opening = F.scaled_dot_product_attention(
@@ -153,23 +154,6 @@ def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     )
     packed = out.transpose(0, 1)[:, layout.valid]  # (heads, packed, dim), packed order
     return torch.cat([opening[0], packed], dim=1).transpose(0, 1)[None].contiguous(), None
-
-
-@contextmanager
-def _attention_implementation(config, name: str):
-    before = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
-
-
-def _register_rows_attention() -> None:
-    from transformers import AttentionInterface
-
-    if ROWS_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ROWS_ATTENTION, rows_attention)
 
 
 def answer_only_loss(
@@ -199,17 +183,17 @@ def _shared_prefix_loss(lm, backbone, inputs, prefix, spans, num_items_in_batch)
         [torch.arange(prefix, device=ids.device)]
         + [torch.arange(s + prefix, e, device=ids.device) for s, e in spans]
     )
-    _register_rows_attention()
+    register_attention(ROWS_ATTENTION, rows_attention)
     layout = RowLayout.of(spans, prefix, ids.device)
     # Whatever kernel the model uses, this pass attends with rows_attention; the grid mask is
     # 4-D, so transformers passes it through untouched.
-    with _attention_implementation(lm.config, ROWS_ATTENTION):
+    with attention_implementation(lm.config, ROWS_ATTENTION):
         hidden = backbone(
             input_ids=ids[keep][None],
             position_ids=pos[keep][None],
             attention_mask=layout.mask,
             use_cache=False,
-            lorafit_rows=layout,
+            **{ROWS_KWARG: layout},
         ).last_hidden_state
     suffixes = keep[prefix:]
     return _head_loss(lm, hidden[:, prefix:], labels[suffixes][None], num_items_in_batch)

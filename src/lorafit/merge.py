@@ -14,15 +14,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lorafit.config import ModelSection
 from lorafit.errors import LorafitError
-from lorafit.inference import chat_prompt, run_settings
+from lorafit.inference import chat_prompt, run_base
 from lorafit.model import load_model, load_tokenizer
-from lorafit.rundir import ADAPTER_DIR, is_run_dir, write_json
+from lorafit.paths import check_replaceable, refuse_unsafe_target, replace_dir
+from lorafit.rundir import RunDir, write_json
 from lorafit.tracking import tracker_for_run
 
 TOLERANCE = 1e-3  # max |logit difference|, fp32
 PARITY_PROMPTS = ("What is ATP?", "Explain what you can do.", "What is 2+2?")
+MERGE_INFO = "lorafit_merge.json"  # in every merged model: its run, parity, system prompt
 
 
 def _logits(model, tokenizer, system_prompt):
@@ -39,22 +40,30 @@ def _logits(model, tokenizer, system_prompt):
     return outs
 
 
-def merge(run_dir: str | Path, output: str | Path, overwrite: bool = False) -> dict:
-    """Write a standalone merged model to ``output``; return the parity report."""
+def merge(
+    run_dir: str | Path, output: str | Path, overwrite: bool = False, store: str | None = None
+) -> dict:
+    """Write a standalone merged model to ``output``; return the parity report.
+
+    ``output`` is written whole in a temp folder and swapped in only after the parity check;
+    ``overwrite`` replaces only a merged model lorafit wrote (it holds lorafit_merge.json),
+    never the working or home directory or a folder that holds the run.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run_dir, output = Path(run_dir), Path(output)
-    if not is_run_dir(run_dir):
-        raise LorafitError(f"{run_dir}: not a finished lorafit run (no run.json + adapter/)")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise LorafitError(f"{output}: already exists; choose another --output or --overwrite")
-    base_name, system_prompt = run_settings(run_dir)
+    run, output = RunDir.existing(run_dir), Path(output)
+    refuse_unsafe_target(output, "--output", (run.path,))
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        if not overwrite:
+            raise LorafitError(f"{output}: already exists; choose another --output or --overwrite")
+        check_replaceable(output, MERGE_INFO, "--output", (run.path,))
+    base, system_prompt = run_base(run)
     # full precision on CPU, whatever the run trained with (QLoRA included)
-    base = load_model(ModelSection(name=base_name, dtype="float32"), device="cpu")
-    tokenizer = load_tokenizer(run_dir / ADAPTER_DIR)
-    peft_model = PeftModel.from_pretrained(base, run_dir / ADAPTER_DIR).eval()
+    model = load_model(base.section(dtype="float32"), base.dir, device="cpu")
+    tokenizer = load_tokenizer(run.adapter_dir)
+    peft_model = PeftModel.from_pretrained(model, run.adapter_dir).eval()
     expected = _logits(peft_model, tokenizer, system_prompt)
     merged = peft_model.merge_and_unload()
     merged.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -69,8 +78,8 @@ def merge(run_dir: str | Path, output: str | Path, overwrite: bool = False) -> d
         got = _logits(reloaded, tokenizer, system_prompt)
         diff = max(float((a - b).abs().max()) for a, b in zip(expected, got, strict=True))
         report = {
-            "run": str(run_dir),
-            "base_model": base_name,
+            "run": str(run.path.resolve()),
+            "base_model": base.name,
             "max_abs_logit_diff": diff,
             "tolerance": TOLERANCE,
             "parity_ok": diff <= TOLERANCE,
@@ -78,35 +87,31 @@ def merge(run_dir: str | Path, output: str | Path, overwrite: bool = False) -> d
             # the system turn the adapter was trained with; `lorafit ask/chat` reuse it
             "system_prompt": system_prompt,
         }
-        write_json(tmp / "lorafit_merge.json", report)
+        write_json(tmp / MERGE_INFO, report)
         if not report["parity_ok"]:
             raise LorafitError(
                 f"merge parity check failed: max |logit diff| {diff:.2e} > {TOLERANCE:.0e}; "
                 "the merged model does not reproduce base + adapter, so it was not written"
             )
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
+        replace_dir(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_json(run_dir / "merge.json", {**report, "output": str(output)})
-    tracker = tracker_for_run(run_dir)  # lineage: adapter -> merged model
+    write_json(run.merge_report, {**report, "output": str(output)})
+    tracker = tracker_for_run(run.path, store)  # lineage: adapter -> merged model
     if tracker is not None:
         tracker.log_metrics({"merge.max_abs_logit_diff": diff})
         tracker.set_tags({"lorafit.merged_dir": str(output.resolve())})
-        tracker.log_artifact(output / "lorafit_merge.json", "merge")
+        tracker.log_artifact(output / MERGE_INFO, "merge")
     return {**report, "output": str(output)}
 
 
 def servable_dir(target: str | Path) -> Path:
     """A standalone model directory for ``target``: a run is merged once into RUN/merged."""
     from lorafit.model import resolve_model_dir
-    from lorafit.rundir import RUN_FILE
 
-    path = Path(target)
-    if path.is_dir() and (path / RUN_FILE).is_file():
-        merged = path / "merged"
-        if not (merged / "lorafit_merge.json").is_file():
-            merge(path, merged, overwrite=True)
-        return merged
+    if RunDir.holds_run(target):
+        run = RunDir.existing(target)
+        if not (run.merged_dir / MERGE_INFO).is_file():
+            merge(run.path, run.merged_dir, overwrite=True)
+        return run.merged_dir
     return resolve_model_dir(str(target))

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +93,44 @@ def resolve_source(name: str = DEFAULT_MODEL) -> ModelSource:
     )
 
 
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 of a file's bytes, or of a model directory's config and weight files.
+
+    Hashed once per version of a file: the result is cached under ``$LORAFIT_HOME`` keyed by
+    the file's size, mtime, ctime and inode. A copy made with ``cp -p`` or ``rsync -a`` keeps
+    size and mtime but gets a new ctime and inode, so it is hashed again.
+    """
+    path = Path(path).resolve()
+    if path.is_dir():
+        files = sorted(
+            f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES or f.name == "config.json"
+        )
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f"{f.name}:{content_hash(f)}\n".encode())
+        return digest.hexdigest()
+    from lorafit.rundir import file_sha256, read_json, write_json
+
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
+    cache_file = lorafit_home() / "hashes.json"
+    try:
+        cache = read_json(cache_file)
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache = {k: v for k, v in cache.items() if not k.startswith(f"{path}|")}
+        cache[key] = file_sha256(path)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache_file, cache)
+    return cache[key]
+
+
 def _gguf_cache_dir(gguf: Path) -> Path:
-    stat = gguf.stat()
-    digest = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode())
-    return lorafit_home() / "models" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+    return lorafit_home() / "models" / f"{gguf.stem}-{content_hash(gguf)[:12]}"
 
 
 def materialize_gguf(gguf: str | Path) -> Path:
@@ -141,14 +174,48 @@ def materialize_gguf(gguf: str | Path) -> Path:
     return target
 
 
+HUB_HOST = "huggingface.co"
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+    """Does the Hub answer an HTTP request within ``timeout`` seconds?
+
+    An answer, not a TCP connection: proxies and firewalls accept connections they never
+    answer. Name lookup is not bounded by a socket timeout (a broken resolver stalls for tens
+    of seconds), so the whole attempt runs in a thread that is given up on after ``timeout``.
+    """
+    import threading
+    import urllib.error
+    import urllib.request
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    endpoint = os.environ.get("HF_ENDPOINT") or f"https://{HUB_HOST}"
+    reached = threading.Event()
+
+    def attempt() -> None:
+        try:
+            urllib.request.urlopen(f"{endpoint.rstrip('/')}/api/models?limit=1", timeout=timeout)
+            reached.set()
+        except urllib.error.HTTPError:  # the server answered, if only to say no
+            reached.set()
+        except Exception:  # noqa: BLE001 - any other failure: not reachable
+            pass
+
+    threading.Thread(target=attempt, daemon=True).start()
+    reached.wait(timeout)
+    return reached.is_set()
+
+
+def offline_error(what: str) -> LorafitError:
+    """The one line a command prints when it needs the Hub and cannot reach it."""
+    cache = os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    return LorafitError(
+        f"{what}: needs the Hugging Face Hub, which is not reachable from this machine (no "
+        f"network?), and it is not in the local cache ({cache}). Connect once so lorafit can "
+        "download it, set HF_HOME to a cache that has it, or point model.name at a local copy "
+        "(a model directory or a .gguf file)"
+    )
 
 
 def _hub_snapshot(source: ModelSource, revision: str | None) -> Path:
@@ -165,11 +232,7 @@ def _hub_snapshot(source: ModelSource, revision: str | None) -> Path:
     except Exception:  # noqa: BLE001 - not cached; try the network below
         pass
     if not _hub_reachable():
-        raise LorafitError(
-            f"model.name {source.name!r}: cannot reach the Hugging Face Hub (no network?) and the "
-            "model is not in the local cache. Download it on a connected machine "
-            "(`huggingface-cli download ...`), or point model.name at a local directory or .gguf"
-        )
+        raise offline_error(f"model.name {source.name!r}")
     try:
         return Path(snapshot_download(source.path, revision=revision, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - surface as a user error, never the token
@@ -206,6 +269,122 @@ def resolve_model_dir(
     return path
 
 
+def hub_config(source: ModelSource, revision: str | None = None, trust_remote_code=False):
+    """A Hub model's config without its weights: the local cache, then the copy lorafit ships
+    for its presets' models (so `lorafit estimate` works offline), then the network."""
+    from transformers import AutoConfig
+
+    from lorafit.shipped import available, shipped
+
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        return AutoConfig.from_pretrained(source.path, local_files_only=True, **kwargs)
+    except Exception:  # noqa: BLE001 - not cached
+        pass
+    bundled = source.path.replace("/", "--") + ".json"
+    if revision is None and bundled in available("model_configs"):
+        return AutoConfig.from_pretrained(shipped(f"model_configs/{bundled}"))
+    if not _hub_reachable():
+        raise offline_error(f"model.name {source.name!r} (its config.json)")
+    try:
+        return AutoConfig.from_pretrained(source.path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a user error, never the token
+        raise LorafitError(
+            f"model.name {source.name!r}: could not read its config from the Hub "
+            f"({type(e).__name__}). For gated/private models set HF_TOKEN."
+        ) from None
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The exact base a run trained on, recorded in run.json so that eval, merge, ask, serve and
+    export rebuild that base and no other (a relative path, a moved branch or a replaced file
+    would silently give the adapter other weights)."""
+
+    name: str  # model.name as the user wrote it
+    kind: str  # embedded | gguf | local | hub
+    source: str  # absolute path of the .gguf / model directory, or the Hub id
+    dir: str  # the local directory the weights load from
+    revision: str | None = None  # Hub: the commit the run trained on
+    sha256: str | None = None  # local kinds: content hash of the file or the weights
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def record(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def section(self, **changes: Any) -> ModelSection:
+        """A ModelSection that loads this exact base (``changes``: dtype, quantization...)."""
+        return ModelSection(
+            name=self.dir,
+            revision=None,
+            trust_remote_code=self.trust_remote_code,
+            allow_pickle=self.allow_pickle,
+            **changes,
+        )
+
+
+def resolve_base(cfg: ModelSection) -> BaseModel:
+    """Resolve ``cfg.name`` to local weights and pin them (Hub commit or content hash)."""
+    source = resolve_source(cfg.name)
+    common = {
+        "name": cfg.name,
+        "kind": source.kind,
+        "trust_remote_code": cfg.trust_remote_code,
+        "allow_pickle": cfg.allow_pickle,
+    }
+    if source.kind in ("embedded", "gguf"):
+        path = Path(source.path)
+        return BaseModel(
+            source=str(path),
+            dir=str(materialize_gguf(path)),
+            sha256=content_hash(path),
+            **common,
+        )
+    if source.kind == "local":
+        path = Path(source.path)
+        check_safetensors(path, cfg.allow_pickle)
+        return BaseModel(source=str(path), dir=str(path), sha256=content_hash(path), **common)
+    snapshot = _hub_snapshot(source, cfg.revision)
+    check_safetensors(snapshot, cfg.allow_pickle)
+    # snapshots live in .../snapshots/<commit hash>: the revision that was actually used
+    return BaseModel(source=source.path, dir=str(snapshot), revision=snapshot.name, **common)
+
+
+def base_of_run(record: dict[str, Any]) -> BaseModel:
+    """The base a run recorded (run.json ``base_model``), checked to be the same weights."""
+    if "source" not in record:  # runs trained before lorafit recorded the exact base
+        return resolve_base(ModelSection(name=record["name"]))
+    kind = record["kind"]
+    fields = {k: record.get(k) for k in ("name", "kind", "source", "revision", "sha256")}
+    flags = {
+        "trust_remote_code": bool(record.get("trust_remote_code")),
+        "allow_pickle": bool(record.get("allow_pickle")),
+    }
+    if kind == "hub":
+        snapshot = _hub_snapshot(
+            ModelSource("hub", record["name"], record["source"]), record["revision"]
+        )
+        return BaseModel(**fields, dir=str(snapshot), **flags)
+    # the embedded package may have been reinstalled elsewhere: find it again by name
+    path = Path(resolve_source(record["name"]).path if kind == "embedded" else record["source"])
+    if not path.exists():
+        raise LorafitError(
+            f"{path}: the base model this run was trained on is gone; put it back (the adapter "
+            "only fits those exact weights) or train again"
+        )
+    now = content_hash(path)
+    if record.get("sha256") and now != record["sha256"]:
+        raise LorafitError(
+            f"{path}: the base model changed since this run was trained (content hash "
+            f"{now[:12]}, trained on {record['sha256'][:12]}); the adapter only fits the exact "
+            "weights it was trained on. Put the original back, or train again"
+        )
+    fields["source"] = str(path)
+    model_dir = materialize_gguf(path) if kind in ("embedded", "gguf") else path
+    return BaseModel(**fields, dir=str(model_dir), **flags)
+
+
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -224,6 +403,17 @@ def best_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' -> bf16 where the hardware computes it natively, fp16 on older GPUs, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def quantization_config(cfg: ModelSection):
@@ -308,9 +498,10 @@ def lora_config(cfg: LoraSection, model):
     if not getattr(model, "is_quantized", False):  # bnb's layers subclass nn.Linear too
         import torch
 
+        from lorafit.hooks import register_lora_layer
         from lorafit.lora_layer import FusedLoraLinear
 
-        config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+        register_lora_layer(config, torch.nn.Linear, FusedLoraLinear)
     return config
 
 

@@ -38,3 +38,99 @@ def exclusive_lock(path: Path, wait: bool = True) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+# --- replacing an output that lorafit wrote ------------------------------------------------
+
+
+def _protected() -> dict[Path, str]:
+    return {
+        Path("/"): "the root directory",
+        Path.home().resolve(): "your home directory",
+        Path.cwd().resolve(): "the working directory",
+    }
+
+
+def refuse_unsafe_target(target: Path, option: str, sources: tuple[Path, ...] = ()) -> None:
+    """Refuse an output that replacing would destroy more than a lorafit output: the working
+    directory, the home directory, ``/`` (or a folder holding one of them), and a source of
+    the command or any folder that holds it."""
+    from lorafit.errors import LorafitError
+
+    resolved = target.resolve()
+    for path, name in _protected().items():
+        if resolved == path or resolved in path.parents:
+            raise LorafitError(
+                f"{option} {target}: that is {'' if resolved == path else 'a folder holding '}"
+                f"{name}; lorafit never replaces it. Choose a folder of its own, e.g. "
+                f"{option} runs/my-output"
+            )
+    for source in sources:
+        held = source.resolve()
+        if resolved == held or resolved in held.parents:
+            raise LorafitError(
+                f"{option} {target}: that folder holds {source}, which this command reads; "
+                "choose another output folder"
+            )
+
+
+def check_replaceable(target: Path, marker: str, option: str, sources=()) -> None:
+    """Before ``--overwrite`` replaces ``target``: it must be safe (``refuse_unsafe_target``)
+    and, when it holds anything, hold ``marker``, the file lorafit writes into every such
+    output. A folder without it was not written by lorafit, and lorafit does not delete it."""
+    from lorafit.errors import LorafitError
+
+    recover_replaced(target)
+    refuse_unsafe_target(target, option, tuple(sources))
+    if target.exists() and not target.is_dir():
+        raise LorafitError(f"{option} {target}: is a file, not a folder; choose another")
+    if target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
+        raise LorafitError(
+            f"{option} {target}: this folder was not written by lorafit (it has no {marker}), "
+            "so --overwrite will not delete it; move it away yourself or choose another folder"
+        )
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return done == 0
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the complete folder ``new`` at ``target``, then delete what was there.
+
+    The two are swapped in one atomic step where the OS can (Linux): a crash at any moment
+    leaves either the old or the new folder at ``target``. Elsewhere the old one is renamed
+    aside first (``recover_replaced`` puts it back if a crash hit between the two renames).
+    """
+    import shutil
+
+    if not target.exists():
+        new.rename(target)
+        return
+    if _exchange(new, target):
+        shutil.rmtree(new)  # it now holds the old folder
+        return
+    aside = target.with_name(f".{target.name}.replaced")
+    shutil.rmtree(aside, ignore_errors=True)
+    target.rename(aside)
+    new.rename(target)
+    shutil.rmtree(aside)
+
+
+def recover_replaced(target: Path) -> None:
+    """Undo a ``replace_dir`` that crashed between its two renames (non-Linux only)."""
+    aside = target.with_name(f".{target.name}.replaced")
+    if aside.is_dir() and not target.exists():
+        aside.rename(target)

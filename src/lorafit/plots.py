@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from lorafit.data.formats import read_jsonl_lines
 
 
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl_lines(path)
 
 
 def plot_loss(metrics_file: str | Path, out_png: str | Path) -> Path:

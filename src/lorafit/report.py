@@ -1,4 +1,5 @@
-"""report.html: the evaluation as one self-contained page (pictures inlined, no network)."""
+"""The evaluation as people read it: report.md, report.html (one self-contained page,
+pictures inlined, no network) and the metrics table the CLI prints."""
 
 from __future__ import annotations
 
@@ -20,6 +21,68 @@ th{background:#f4f6f8} tr:nth-child(even) td{background:#fafafa}
 """
 
 
+METRIC_COLUMNS = (
+    "model",
+    "held-out accuracy",
+    "ROUGE-L",
+    "stops by itself",
+    "general ability",
+    "invents unknown terms",
+    "declines real terms",
+)
+
+
+def metric_cells(name: str, m: dict) -> list[str]:
+    """One model's row of the metrics table (report.md, report.html and the CLI share it)."""
+
+    def pct(key: str) -> str:
+        return f"{m[key]:.1%}" if key in m else "not run"
+
+    return [name, pct("accuracy"), f"{m['rouge_l']:.3f}", pct("stop_rate")] + [
+        pct("general_accuracy"),
+        pct("invented_rate"),
+        pct("refusal_rate"),
+    ]
+
+
+def report_md(metrics: dict, rows: list[dict], probe_rows: list[dict], limit: int = 30) -> str:
+    lines = [
+        "# lorafit evaluation",
+        "",
+        f"{metrics['n']} held-out prompts.",
+        "",
+        "| " + " | ".join(METRIC_COLUMNS) + " |",
+        "|---" * len(METRIC_COLUMNS) + "|",
+    ]
+    for name in ("base", "tuned"):
+        lines.append("| " + " | ".join(metric_cells(name, metrics[name])) + " |")
+    if probe_rows:
+        regressed = [r for r in probe_rows if r["base_correct"] and not r["tuned_correct"]]
+        lines += ["", f"## General-ability regressions: {len(regressed)} of {len(probe_rows)}", ""]
+        lines += [
+            f"- {r['prompt']} — base: {r['base'][:80]!r}; tuned: {r['tuned'][:80]!r}"
+            for r in regressed
+        ] or ["None: every probe the base model answered right, the tuned model did too."]
+    lines += [
+        "",
+        f"## Answers (first {min(limit, len(rows))})",
+        "",
+        "| prompt | base | tuned | reference |",
+        "|---|---|---|---|",
+    ]
+
+    def cell(text: str, ok: bool | None = None) -> str:
+        mark = "" if ok is None else ("✅ " if ok else "❌ ")
+        return mark + text.replace("|", "\\|").replace("\n", " ")[:200]
+
+    for r in rows[:limit]:
+        lines.append(
+            f"| {cell(r['prompt'])} | {cell(r['base'], r['base_correct'])} | "
+            f"{cell(r['tuned'], r['tuned_correct'])} | {cell(r['reference'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _png(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
@@ -30,7 +93,6 @@ def _mark(ok: bool) -> str:
 
 
 def render(metrics: dict, rows: list[dict], probe_rows: list[dict], run_dir: Path) -> str:
-    from lorafit.evaluate import METRIC_COLUMNS, metric_cells  # evaluate imports this module
     from lorafit.plots import plot_comparison
 
     esc = html.escape

@@ -8,17 +8,47 @@ dataset -> adapter -> merged model -> GGUF -> evaluation.
 Store: ``tracking.uri`` in the config, else ``$MLFLOW_TRACKING_URI``, else a local sqlite file
 ``runs/mlflow.db`` (no server; artifacts in ``runs/mlartifacts``). Tracking never stops a run:
 the first failure (store unreachable, disk, ...) is reported once and tracking goes quiet.
+
+Credentials in a tracking URI (``user:password@``, tokens in the query) are never written or
+printed: run.json, MLflow params, ``lorafit runs`` and logs get ``redact_uri``'s form. A command
+that reads a run directory logs to the store the user configured for it (``--store``,
+``$MLFLOW_TRACKING_URI`` or the default), and only when that is the store the run names: a run
+directory someone else wrote cannot send lorafit to a server of its choosing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
+_SECRET_KEY = re.compile(r"token|key|secret|pass|auth|sig|cred|session", re.IGNORECASE)
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """``uri`` without credentials: the user info and the values of secret-looking query keys
+    become ``***``."""
+    if not uri:
+        return uri
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "***"
+    netloc, query = parts.netloc, parts.query
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(_SECRET_KEY.search(k) for k, _ in pairs):
+        query = urlencode([(k, "***" if _SECRET_KEY.search(k) else v) for k, v in pairs], safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return uri  # nothing secret; urlunsplit would also turn sqlite://// into sqlite://
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
 
 DEFAULT_STORE = Path("runs") / "mlflow.db"
 EXPERIMENT = "lorafit"
@@ -63,7 +93,10 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as e:  # tracking must never kill the run it tracks
             self.enabled = False
-            log.warning("MLflow tracking is off for the rest of this run (%s failed: %s)", what, e)
+            message = str(e).replace(self.uri, redact_uri(self.uri) or "")
+            log.warning(
+                "MLflow tracking is off for the rest of this run (%s failed: %s)", what, message
+            )
             return None
 
     def _connect(self):
@@ -160,30 +193,84 @@ class Tracker:
             self._call("closing the run", self.client.set_terminated, self.run_id, status)
 
 
-def tracker_for_run(run_dir: str | Path) -> Tracker | None:
-    """The MLflow run a lorafit run directory was tracked in (None when it was not)."""
-    from lorafit.rundir import RUN_FILE, read_json
+def tracker_for_run(run_dir: str | Path, store: str | None = None) -> Tracker | None:
+    """The MLflow run a lorafit run directory was tracked in, opened in the store the user
+    configured (``store``, else $MLFLOW_TRACKING_URI, else the default); None when the run
+    was not tracked there."""
+    from lorafit.rundir import RunDir
 
-    info_file = Path(run_dir) / RUN_FILE
-    if not info_file.is_file():
+    run = RunDir(run_dir)
+    if not run.info_file.is_file():
         return None
-    tracking = read_json(info_file).get("tracking") or {}
+    tracking = run.info().get("tracking") or {}
     if not tracking.get("run_id"):
         return None
-    return Tracker(tracking["uri"], tracking.get("experiment", EXPERIMENT)).attach(
-        tracking["run_id"]
-    )
+    uri = tracking_uri(store)
+    if redact_uri(uri) != tracking.get("uri"):
+        log.info(
+            "%s was tracked in %s, not in this command's store %s: its results are not logged "
+            "there (pass --store or set MLFLOW_TRACKING_URI to that store to log them)",
+            run_dir,
+            tracking.get("uri"),
+            redact_uri(uri),
+        )
+        return None
+    return Tracker(uri, tracking.get("experiment", EXPERIMENT)).attach(tracking["run_id"])
 
 
-def tracker_for_model(model_dir: str | Path) -> Tracker | None:
+def tracker_for_model(model_dir: str | Path, store: str | None = None) -> Tracker | None:
     """For a run dir, or a merged model that records the run it came from."""
+    from lorafit.merge import MERGE_INFO
     from lorafit.rundir import read_json
 
     path = Path(model_dir)
-    if (path / "lorafit_merge.json").is_file():
-        run = read_json(path / "lorafit_merge.json").get("run")
-        return tracker_for_run(run) if run else None
-    return tracker_for_run(path)
+    if (path / MERGE_INFO).is_file():
+        run = read_json(path / MERGE_INFO).get("run")
+        return tracker_for_run(run, store) if run else None
+    return tracker_for_run(path, store)
+
+
+def start_training_run(config, run, record, resume: bool) -> Tracker:
+    """Open (or, on --resume, reopen) a training run's MLflow run and log what it is made of:
+    the config as params, dataset hashes and counts, versions, device and precision."""
+    t = config.tracking
+    tracker = Tracker(tracking_uri(t.uri), t.experiment, enabled=t.enabled)
+    if not t.enabled:
+        return tracker
+    previous = {}
+    if resume and run.info_file.is_file():
+        previous = run.info().get("tracking") or {}
+    if previous.get("run_id") and previous.get("uri") == redact_uri(tracker.uri):
+        tracker.attach(previous["run_id"])
+    else:
+        # `lorafit demo` names every run dir "run": qualify it with the demo's directory
+        target = run.target.resolve()
+        name = target.name if target.name != "run" else f"{target.parent.name}-run"
+        tracker.start(
+            name, {"lorafit.run_dir": str(target), "lorafit.base_model": config.model.name}
+        )
+    if tracker.run_id:
+        record.update(
+            tracking={
+                "uri": redact_uri(tracker.uri),
+                "experiment": tracker.experiment,
+                "run_id": tracker.run_id,
+            }
+        )
+    tracker.log_params(flatten(config_for_the_record(config)))
+    tracker.log_params(flatten({"dataset": record.info["data"]}))
+    tracker.set_tags({f"version.{k}": v for k, v in record.info["versions"].items()})
+    tracker.set_tags(
+        {"lorafit.device": record.info["device"], "lorafit.precision": record.info["precision"]}
+    )
+    return tracker
+
+
+def config_for_the_record(config) -> dict[str, Any]:
+    """The config as written to a run directory or MLflow: the tracking URI without secrets."""
+    data = config.model_dump(mode="json")
+    data["tracking"]["uri"] = redact_uri(data["tracking"]["uri"])
+    return data
 
 
 # --- reading the store ------------------------------------------------------------------

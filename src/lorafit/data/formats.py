@@ -20,6 +20,7 @@ from typing import Any
 
 from lorafit.errors import LorafitError
 from lorafit.paths import temp_sibling
+from lorafit.shipped import resolve
 
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # name: (required keys, optional keys)
@@ -150,7 +151,8 @@ def _rows(path: Path, text: str) -> list[tuple[str, int, Any]]:
             raise LorafitError(f"{path}: expected a JSON array of objects")
         return [(f"{path}: item {i}", 0, item) for i, item in enumerate(items)]
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    lines = jsonl_lines(text)
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -158,7 +160,7 @@ def _rows(path: Path, text: str) -> list[tuple[str, int, Any]]:
         except json.JSONDecodeError as e:
             hint = (
                 " (the line looks cut off: was the file fully written?)"
-                if lineno == len(text.splitlines())
+                if lineno == len(lines)
                 else ""
             )
             raise LorafitError(
@@ -173,7 +175,7 @@ def read_dataset(path: str | Path) -> Dataset:
     Raises LorafitError on the first bad row (file:line: field: problem); soft problems
     (duplicates, unknown extra fields) are collected as warnings.
     """
-    path = Path(path)
+    path = resolve(path)
     rows = _rows(path, _decode(path))
     fmt: str | None = None
     first_where = ""
@@ -212,6 +214,19 @@ def read_dataset(path: str | Path) -> Dataset:
         warnings.append(f"{path}: ignored unknown field(s): {', '.join(sorted(unknown))}")
     assert fmt is not None
     return Dataset(str(path), fmt, examples, warnings, duplicates, unknown)
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text. Split on \n only (a \r before it is dropped): str.splitlines()
+    also splits at U+2028, U+2029, U+0085 and other characters that are valid inside a JSON
+    string, which would cut a row in two."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def read_jsonl_lines(path: str | Path) -> list[Any]:
+    """Every non-blank line of a JSONL file lorafit wrote (a cache, predictions), parsed."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [json.loads(line) for line in jsonl_lines(text) if line.strip()]
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:

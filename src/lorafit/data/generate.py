@@ -15,6 +15,8 @@ from pathlib import Path
 
 from lorafit.data.formats import write_jsonl
 from lorafit.data.glossary import Glossary, Term
+from lorafit.errors import LorafitError
+from lorafit.rundir import write_json
 
 # {t} = the term, {d} = the domain. Templates with {d} are skipped when there is no domain.
 TRAIN_TEMPLATES = (
@@ -187,27 +189,64 @@ def unknown_pairs(
     return train, evals
 
 
+GENERATED_FILES = ("train.jsonl", "eval.jsonl", "unknown.jsonl")
+MANIFEST = "lorafit_data.json"  # what was generated from what: lorafit's mark on the folder
+
+
+def check_generated_out(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace data files unless told to, and then only files lorafit generated."""
+    existing = [n for n in GENERATED_FILES if (out_dir / n).exists()]
+    if not existing:
+        return
+    if not overwrite:
+        raise LorafitError(
+            f"{out_dir}: already holds {', '.join(existing)}; choose another --out, or pass "
+            "--overwrite to replace them"
+        )
+    if not (out_dir / MANIFEST).is_file():
+        raise LorafitError(
+            f"{out_dir}: {', '.join(existing)} were not written by `lorafit data generate` "
+            f"(no {MANIFEST} beside them), so --overwrite will not replace them; move them "
+            "away or choose another --out"
+        )
+
+
 def write_generated(
     glossary: Glossary,
     out_dir: str | Path,
     seed: int = 0,
     unknown_train: int | None = None,
     unknown_eval: int = UNKNOWN_EVAL_TERMS,
+    overwrite: bool = False,
     **kwargs,
 ) -> tuple[Path, Path, int, int]:
     """Write ``train.jsonl``, ``eval.jsonl`` and ``unknown.jsonl`` (held-out made-up terms)
     into ``out_dir``; return the train/eval paths and counts. ``unknown_train`` None means
-    :func:`default_unknown_terms`."""
+    :func:`default_unknown_terms`. Existing files are replaced only with ``overwrite``."""
+    out_dir = Path(out_dir)
+    check_generated_out(out_dir, overwrite)
     train, evals = generate_pairs(glossary, seed=seed, **kwargs)
     unknown_train_pairs, unknown_eval_pairs = unknown_pairs(
         glossary, seed, unknown_train, unknown_eval
     )
     train = train + unknown_train_pairs
     random.Random(f"mix:{seed}").shuffle(train)
-    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(  # first: a crash halfway leaves files that --overwrite may replace
+        out_dir / MANIFEST,
+        {
+            "glossary": glossary.source,
+            "terms": len(glossary.terms),
+            "seed": seed,
+            "train": len(train),
+            "eval": len(evals),
+            "unknown_eval": len(unknown_eval_pairs),
+        },
+    )
     train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
     write_jsonl(train_path, [p.as_row() for p in train])
     write_jsonl(eval_path, [p.as_row() for p in evals])
+    (out_dir / "unknown.jsonl").unlink(missing_ok=True)  # never a stale one from another run
     if unknown_eval_pairs:
         write_jsonl(out_dir / "unknown.jsonl", [p.as_row() for p in unknown_eval_pairs])
     return train_path, eval_path, len(train), len(evals)

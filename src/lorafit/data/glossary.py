@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from lorafit.errors import LorafitError
+from lorafit.shipped import resolve
 
 FIELDS = ("term", "expansion", "definition", "aliases", "category")
 
@@ -44,7 +45,17 @@ class Glossary:
 
 
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that remembers the line each mapping starts on (for error messages)."""
+    """SafeLoader that keeps every scalar as the text the user wrote (``null``/``~`` aside)
+    and remembers the line each mapping starts on (for error messages).
+
+    YAML 1.1 would turn a definition of ``0737`` into 479, ``1:30`` into 90, ``0x10`` into 16
+    and ``no``/``off`` into false: a glossary is text, so only the null resolver is kept.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag == "tag:yaml.org,2002:null"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_mapping(self, node, deep=False):  # noqa: D401 - yaml API
         mapping = super().construct_mapping(node, deep=deep)
@@ -74,17 +85,28 @@ def _entries(path: Path, text: str) -> tuple[str | None, list[dict[str, Any]]]:
             raise LorafitError(
                 f"{path}:1: CSV header lacks column(s) {sorted(missing)}; expected {list(FIELDS)}"
             )
-        rows = []
-        for i, row in enumerate(reader, start=2):
-            row = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
-            if row.get("aliases"):
-                row["aliases"] = [a.strip() for a in row["aliases"].split(";") if a.strip()]
-            row["__line__"] = i
-            rows.append(row)
+        rows, start = [], reader.line_num + 1  # a quoted cell may span lines: the row's first
+        try:
+            for row in reader:
+                row = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
+                if row.get("aliases"):
+                    row["aliases"] = [a.strip() for a in row["aliases"].split(";") if a.strip()]
+                row["__line__"] = start
+                rows.append(row)
+                start = reader.line_num + 1
+        except csv.Error as e:  # e.g. a field over the csv module's size limit
+            raise LorafitError(
+                f"{path}:{start}: cannot read this CSV row ({e}); a cell this long is usually "
+                "an unclosed quote: check the quotes on this line"
+            ) from None
         return None, rows
     try:
         # _LineLoader is a SafeLoader subclass: no arbitrary objects
-        doc = json.loads(text) if suffix == ".json" else yaml.load(text, Loader=_LineLoader)
+        doc = (
+            json.loads(text, parse_int=str, parse_float=str)  # numbers keep their text too
+            if suffix == ".json"
+            else yaml.load(text, Loader=_LineLoader)
+        )
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise LorafitError(f"{path}: cannot parse glossary: {e}") from e
     if isinstance(doc, list):
@@ -115,7 +137,7 @@ def _text_field(entry: dict[str, Any], name: str, where: str, required: bool) ->
 
 def load_glossary(path: str | Path) -> Glossary:
     """Load and validate a glossary; errors name the file, line and field."""
-    path = Path(path)
+    path = resolve(path)
     domain, entries = _entries(path, _read_text(path))
     if not entries:
         raise LorafitError(f"{path}: the glossary has no terms")

@@ -1,7 +1,7 @@
 """Self-generated replay: keep the base model's general abilities while it learns a domain.
 
 Before training, the *base* model answers a shipped set of general prompts
-(``data/replay/general.jsonl``: arithmetic, geography, units, science, language, everyday
+(``lorafit:replay/general.jsonl``: arithmetic, geography, units, science, language, everyday
 questions; disjoint from the probe set that measures forgetting). Those prompt/answer pairs are
 mixed into the training data so that the adapter also learns "answer general questions the way
 you already did". No dataset download, and the answers are in the model's own voice.
@@ -15,21 +15,18 @@ cached under ``$LORAFIT_HOME/replay`` per model, prompt set and system prompt.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from pathlib import Path
 
-from lorafit.data.formats import Example, write_jsonl
+from lorafit.config import REPLAY_MAX_NEW_TOKENS
+from lorafit.data.formats import Example, read_jsonl_lines, write_jsonl
 from lorafit.paths import exclusive_lock, lorafit_home
+from lorafit.shipped import REPLAY_PROMPTS, resolve
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REPLAY_PROMPTS = Path(__file__).resolve().parents[3] / "data" / "replay" / "general.jsonl"
-# Only answers that end within this many tokens are replayed. Long answers cost the most
-# training time per row and are mostly the base model's rambling arithmetic; measured on the demo
-# (see README).
-REPLAY_MAX_NEW_TOKENS = 32
+DEFAULT_REPLAY_PROMPTS = REPLAY_PROMPTS
 BATCH = 48
 
 
@@ -41,7 +38,7 @@ def replay_count(domain_rows: int, share: float) -> int:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    return [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines() if line]
+    return [row["prompt"] for row in read_jsonl_lines(resolve(path))]
 
 
 def _cache_file(
@@ -52,7 +49,7 @@ def _cache_file(
     key.update(str(model_dir.resolve()).encode())
     for w in weights:  # a changed model under the same path gets new answers
         key.update(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}".encode())
-    key.update(Path(prompts_file).read_bytes())
+    key.update(resolve(prompts_file).read_bytes())
     key.update((system_prompt or "").encode())
     key.update(str(max_new_tokens).encode())
     return lorafit_home() / "replay" / f"{key.hexdigest()[:16]}.jsonl"
@@ -89,7 +86,7 @@ def _answer_and_cache(
 
     known = {}
     if cache.is_file():
-        known = {r["prompt"]: r for r in map(json.loads, cache.read_text().splitlines()) if r}
+        known = {r["prompt"]: r for r in read_jsonl_lines(cache)}
     order = read_prompts(prompts_file)
     random.Random(f"replay:{seed}").shuffle(order)
 

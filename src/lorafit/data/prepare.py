@@ -1,0 +1,170 @@
+"""Training data as the trainer sees it: tokenized rows, small sets repeated, replay mixed in.
+
+    data = load_training_data(config, tokenizer, world_size)   # read, validate, tokenize
+    data.add_replay(config, model, tokenizer, model_dir)       # the base model's own answers
+
+Examples are formatted with the model's own chat template and the loss is on the answer (plus
+its end-of-turn token) only (lorafit.data.tokenize).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafit.config import Config, TrainSection
+from lorafit.data.formats import read_dataset
+from lorafit.data.tokenize import Tokenized, tokenize_all
+from lorafit.errors import LorafitError
+from lorafit.rundir import file_sha256
+from lorafit.shipped import REPLAY_PROMPTS, resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    """Rows to train on and to compute the eval loss on, and what run.json says of them."""
+
+    train: list[Tokenized]
+    eval: list[Tokenized] | None
+    info: dict[str, Any] = field(default_factory=dict)  # {"train", "eval", "replay"}
+
+    def add_replay(self, config: Config, model, tokenizer, model_dir: Path) -> None:
+        """Mix in the base model's answers to general prompts (``data.replay`` of the mix)."""
+        rows, info = replay_rows(config, model, tokenizer, model_dir, len(self.train))
+        self.train = self.train + rows
+        self.info["replay"] = info
+
+
+def load_tokenized(path: str, tokenizer, config: Config, role: str):
+    """Read, validate and tokenize a data file; report and guard masking problems."""
+    dataset = read_dataset(path)
+    for warning in dataset.warnings:
+        log.warning(warning)
+    rows, report = tokenize_all(
+        tokenizer, dataset.examples, config.data.max_length, config.data.system_prompt
+    )
+    if report.truncated:
+        log.warning(
+            "%s: %d of %d %s rows are longer than data.max_length=%d and were truncated",
+            path,
+            report.truncated,
+            report.rows,
+            role,
+            config.data.max_length,
+        )
+    if report.fully_masked:
+        log.warning(
+            "%s: %d %s rows have no answer token left after truncation and were dropped; "
+            "raise data.max_length",
+            path,
+            report.fully_masked,
+            role,
+        )
+    if not rows:
+        raise LorafitError(
+            f"{path}: every {role} row lost its answer to truncation (data.max_length="
+            f"{config.data.max_length}); raise data.max_length"
+        )
+    info = {
+        "path": str(path),
+        "sha256": file_sha256(resolve(path)),
+        "format": dataset.format,
+        "rows": report.rows,
+        "used_rows": len(rows),
+        "truncated": report.truncated,
+        "dropped_no_answer": report.fully_masked,
+        "answer_tokens": sum(r.trainable for r in rows),
+        "tokens": sum(len(r.input_ids) for r in rows),
+    }
+    return rows, info
+
+
+def optimizer_steps(rows: int, t: TrainSection, world_size: int = 1) -> int:
+    """Optimizer steps of ``rows`` examples over ``t.epochs`` (a step = one effective batch)."""
+    per_epoch = math.ceil(rows / (t.batch_size * t.grad_accumulation * world_size))
+    return math.ceil(per_epoch * t.epochs)
+
+
+def data_repeats(rows: int, t: TrainSection, world_size: int = 1) -> int:
+    """How many times to repeat a small dataset so that training takes ``t.min_steps`` steps
+    (replay comes on top and only adds steps). 1 when it already has them or max_steps rules."""
+    if rows == 0 or t.min_steps <= 0 or t.max_steps > 0:
+        return 1
+    repeats = 1
+    while optimizer_steps(rows * repeats, t, world_size) < t.min_steps:
+        repeats += 1
+    return repeats
+
+
+def load_training_data(config: Config, tokenizer, world_size: int = 1) -> TrainingData:
+    """The training rows (repeated up to ``train.min_steps``) and a sample of eval rows."""
+    if not config.data.train:
+        raise LorafitError("no training data: pass --data FILE or set data.train in the config")
+    train_rows, train_info = load_tokenized(config.data.train, tokenizer, config, "train")
+    eval_rows, eval_info = None, None
+    if config.data.eval:
+        eval_rows, eval_info = load_tokenized(config.data.eval, tokenizer, config, "eval")
+        # the eval-loss curve needs a sample, not every row (generation eval uses them all)
+        eval_rows = eval_rows[: config.train.eval_loss_rows]
+    repeats = data_repeats(len(train_rows), config.train, world_size)
+    if repeats > 1:
+        log.info(
+            "small dataset: %d rows are %d optimizer step(s) over %g epoch(s); repeating them "
+            "%dx to reach train.min_steps=%d (set it to 0 to turn this off)",
+            len(train_rows),
+            optimizer_steps(len(train_rows), config.train, world_size),
+            config.train.epochs,
+            repeats,
+            config.train.min_steps,
+        )
+        train_info["repeats"] = repeats
+        train_rows = train_rows * repeats
+    return TrainingData(train_rows, eval_rows, {"train": train_info, "eval": eval_info})
+
+
+def replay_rows(config: Config, model, tokenizer, model_dir: Path, domain_rows: int):
+    """Replay rows (the base model's own answers to general prompts) for ``data.replay``;
+    a share of the (repeated) domain rows, so repeats bring other general answers."""
+    from lorafit.data.replay import base_answers, replay_count, replay_examples
+
+    count = replay_count(domain_rows, config.data.replay)
+    if count == 0:
+        return [], None
+    prompts_file = resolve(config.data.replay_prompts or REPLAY_PROMPTS)
+    if not prompts_file.is_file():
+        raise LorafitError(f"data.replay_prompts: {prompts_file} does not exist")
+    answers = base_answers(
+        model,
+        tokenizer,
+        model_dir,
+        prompts_file,
+        config.data.system_prompt,
+        needed=count,
+        seed=config.data.seed,
+        max_new_tokens=config.data.replay_max_tokens,
+    )
+    examples = replay_examples(answers, count, config.data.seed)
+    rows, _ = tokenize_all(tokenizer, examples, config.data.max_length, config.data.system_prompt)
+    usable = sum(a["stopped"] for a in answers)
+    log.info(
+        "replay: %d general examples (%d distinct, share %.0f%%) mixed into %d domain rows",
+        len(rows),
+        min(usable, len(rows)),
+        100 * config.data.replay,
+        domain_rows,
+    )
+    return rows, {
+        "share": config.data.replay,
+        "max_tokens": config.data.replay_max_tokens,
+        "prompts": str(config.data.replay_prompts or REPLAY_PROMPTS),
+        "prompts_sha256": file_sha256(prompts_file),
+        "rows": len(rows),
+        "distinct": min(usable, len(rows)),
+        "answers_that_stopped": usable,
+        "tokens": sum(len(r.input_ids) for r in rows),
+    }
