@@ -614,8 +614,22 @@ def serve(
         str | None, typer.Option(help="Model name clients ask for (default: the directory name).")
     ] = None,
     max_tokens: Annotated[
-        int, typer.Option(help="Largest max_tokens a request may ask for.")
+        int, typer.Option(help="Largest max_tokens a request may ask for.", min=1)
     ] = 1024,
+    max_context: Annotated[
+        int | None,
+        typer.Option(
+            help="Refuse requests whose prompt plus max_tokens exceed this many tokens "
+            "(default: the model's context length).",
+            min=16,
+        ),
+    ] = None,
+    max_waiting: Annotated[
+        int,
+        typer.Option(
+            help="Requests queued or running (streams until they end); more get 503.", min=1
+        ),
+    ] = 64,
 ) -> None:
     """OpenAI-compatible API (/v1/chat/completions plain and streamed, /v1/models, /health).
 
@@ -625,8 +639,9 @@ def serve(
     from lorafit.serve import ServeLimits
     from lorafit.serve import serve as run_serve
 
+    limits = ServeLimits(max_tokens=max_tokens, max_context=max_context, max_waiting=max_waiting)
     console.print(f"serving {escape(model)} on http://{host}:{port}/v1 (Ctrl-C stops)")
-    run_serve(model, host, port, api_key, ServeLimits(max_tokens=max_tokens), name)
+    run_serve(model, host, port, api_key, limits, name)
 
 
 @runs_app.callback()

@@ -107,6 +107,11 @@ def _exchange(a: Path, b: Path) -> bool:
     return done == 0
 
 
+def _aside(target: Path) -> Path:
+    absolute = target.absolute()  # "." has no name of its own
+    return absolute.with_name(f".{absolute.name}.replaced")
+
+
 def replace_dir(new: Path, target: Path) -> None:
     """Put the complete folder ``new`` at ``target``, then delete what was there.
 
@@ -122,7 +127,7 @@ def replace_dir(new: Path, target: Path) -> None:
     if _exchange(new, target):
         shutil.rmtree(new)  # it now holds the old folder
         return
-    aside = target.with_name(f".{target.name}.replaced")
+    aside = _aside(target)
     shutil.rmtree(aside, ignore_errors=True)
     target.rename(aside)
     new.rename(target)
@@ -131,6 +136,6 @@ def replace_dir(new: Path, target: Path) -> None:
 
 def recover_replaced(target: Path) -> None:
     """Undo a ``replace_dir`` that crashed between its two renames (non-Linux only)."""
-    aside = target.with_name(f".{target.name}.replaced")
+    aside = _aside(target)
     if aside.is_dir() and not target.exists():
         aside.rename(target)

@@ -252,7 +252,7 @@ def training_dir(
     Only the ``writer`` (rank 0) checks, locks and moves; other ranks get the same path.
     """
     target = Path(target)
-    staging = target.with_name(f".{target.name}.overwrite")
+    staging = target.absolute().with_name(f".{target.absolute().name}.overwrite")
     work = staging if overwrite else target
     if not writer:
         yield RunDir(work, target)

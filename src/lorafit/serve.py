@@ -4,12 +4,19 @@
     # then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...).chat.completions.create(...)
 
 Generation and the OpenAI wire format (plain and streamed chat completions) come from
-``transformers serve``'s own handler; this module only puts a guarded front on it:
+``transformers serve``'s own handler; this module puts a guarded front on it, so that no client
+can knock the server over or read what it should not:
 - one model, named after the run (``/v1/models``); any other model name is a 404;
-- an optional API key (``--api-key`` or ``LORAFIT_API_KEY``) checked on every request;
-- bounded request size and ``max_tokens``, and a bounded queue of waiting requests (503 when
-  full), so a client cannot make the server run out of memory;
-- malformed JSON, empty or ill-typed messages and unsupported fields are 4xx answers;
+- an API key (``--api-key`` or ``LORAFIT_API_KEY``) checked on every request; without one the
+  server binds loopback only, answers only requests addressed to a loopback or its own host
+  name (a web page cannot drive it through DNS rebinding) and only JSON posts (no cross-site
+  form posts);
+- every request field checked first (lorafit.chat_request): malformed input is a 4xx;
+- the prompt counted in tokens on a worker thread, and refused when it and ``max_tokens`` do
+  not fit the model's context (or ``--max-context``): a 1 MB prompt is ~500k tokens;
+- a bounded number of requests queued or running, streams included until they end (503 with
+  Retry-After when full), a bounded body and ``max_tokens``;
+- the model's folder never appears in a response: the public model name replaces it;
 - the system turn the model was trained with is added when the client sends none.
 """
 
@@ -18,33 +25,31 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves annotations by name
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from lorafit.chat_request import BadRequest, ServeLimits, parse_body, validate_chat_request
 from lorafit.errors import LorafitError
 
+log = logging.getLogger(__name__)
 API_KEY_ENV = "LORAFIT_API_KEY"
-ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
-# Fields that would bypass the server's bounds (generation_config sets max_new_tokens freely).
-REFUSED_FIELDS = frozenset({"generation_config"})
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+RETRY_AFTER_S = 2
+
+__all__ = ["ServeLimits", "build_app", "serve"]
 
 
-@dataclass
-class ServeLimits:
-    max_request_bytes: int = 1_000_000
-    max_tokens: int = 1024  # the most a request may ask for
-    default_max_tokens: int = 256  # when the request does not say
-    max_waiting: int = 64  # requests queued or running; more get 503
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+def _error(status: int, message: str, kind: str = "invalid_request_error", code=None, headers=None):
     return JSONResponse(
-        {"error": {"message": message, "type": kind, "code": code}}, status_code=status
+        {"error": {"message": message, "type": kind, "code": code}},
+        status_code=status,
+        headers=headers,
     )
 
 
@@ -67,48 +72,47 @@ async def read_bounded_body(request: Request, limit: int) -> bytes | None:
     return None if size > limit else b"".join(parts)
 
 
-def validate_chat_request(body, model_name: str, limits: ServeLimits):
-    """Return (status, message) for a bad request, or None. Fills in defaults in ``body``."""
-    if not isinstance(body, dict):
-        return 400, "the request body must be a JSON object"
-    model = body.get("model")
-    if model is not None and model != model_name:
-        return 404, f"model {model!r} not found; this server serves {model_name!r}"
-    refused = REFUSED_FIELDS & set(body)
-    if refused:
-        return 400, f"unsupported field(s): {', '.join(sorted(refused))}"
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return 400, "messages must be a non-empty list of {role, content} objects"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            return 400, f"messages[{i}]: needs a role among {', '.join(sorted(ROLES))}"
-        content = m.get("content")
-        if not isinstance(content, str | list) or (
-            isinstance(content, list) and not all(isinstance(p, dict) for p in content)
-        ):
-            return 400, f"messages[{i}].content: must be a string or a list of content parts"
-    for key in ("max_tokens", "max_completion_tokens"):
-        value = body.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            return 400, f"{key}: must be a positive integer"
-        if value > limits.max_tokens:
-            return 400, f"{key}: {value} is above this server's limit of {limits.max_tokens}"
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = limits.default_max_tokens
-    for key in ("temperature", "top_p"):
-        if body.get(key) is not None and not isinstance(body[key], int | float):
-            return 400, f"{key}: must be a number"
-    return None
+def allowed_hosts(host: str, port: int) -> set[str]:
+    """Host headers a keyless server answers: loopback names and the address it is bound to."""
+    names = {*LOOPBACK, host}
+    out = set()
+    for name in names:
+        shown = f"[{name}]" if ":" in name else name
+        out |= {shown, f"{shown}:{port}"}
+    return out
 
 
-async def _renamed(chunks, private: str, public: str):
-    async for chunk in chunks:
+class Scrubber:
+    """Replace the model's folder with its public name in anything sent to a client (the path
+    as written, and as JSON writes it, ASCII-escaped or not)."""
+
+    def __init__(self, model_dir: Path, public: str):
+        path = str(model_dir)
+        self.public = public
+        forms = {path, json.dumps(path)[1:-1], json.dumps(path, ensure_ascii=False)[1:-1]}
+        self.forms = sorted((f for f in forms if f), key=len, reverse=True)
+
+    def text(self, text: str) -> str:
+        for form in self.forms:
+            text = text.replace(form, self.public)
+        return text
+
+    def event(self, chunk: str | bytes) -> str:
+        """One server-sent event of the handler's stream, with the public model name."""
         if isinstance(chunk, bytes):
             chunk = chunk.decode()
-        yield chunk.replace(private, public)
+        lines = []
+        for line in chunk.split("\n"):
+            if line.startswith("data: ") and line != "data: [DONE]":
+                try:
+                    data = json.loads(line[6:])
+                    if isinstance(data, dict) and "model" in data:
+                        data["model"] = self.public
+                    line = "data: " + json.dumps(data, ensure_ascii=False)
+                except json.JSONDecodeError:
+                    pass
+            lines.append(self.text(line))
+        return "\n".join(lines)
 
 
 def build_app(
@@ -118,11 +122,16 @@ def build_app(
     api_key: str | None = None,
     limits: ServeLimits | None = None,
     device: str = "auto",
+    hosts: set[str] | None = None,
 ):
-    """The FastAPI app: transformers' chat-completions handler behind lorafit's guards."""
+    """The FastAPI app: transformers' chat-completions handler behind lorafit's guards.
+
+    ``hosts``: the Host headers a keyless server answers (None: any, as in unit tests).
+    """
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.cli.serving.chat_completion import ChatCompletionHandler
     from transformers.cli.serving.model_manager import ModelManager
-    from transformers.cli.serving.utils import GenerationState
+    from transformers.cli.serving.utils import GenerationState, Modality
 
     limits = limits or ServeLimits()
     manager = ModelManager(device=device, dtype="auto", force_model=str(model_dir))
@@ -130,16 +139,42 @@ def build_app(
     handler = ChatCompletionHandler(
         model_manager=manager, generation_state=state, chat_template_kwargs={}
     )
+    # its own tokenizer: the handler's is used by the inference thread at the same time
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    context = model_config.max_position_embeddings
+    if limits.max_context:
+        context = min(context, limits.max_context)
+    vocab = model_config.vocab_size
+    counter = ThreadPoolExecutor(1, thread_name_prefix="lorafit-count")
     waiting = asyncio.Semaphore(limits.max_waiting)
-    private, public = json.dumps(str(model_dir))[1:-1], json.dumps(model_name)[1:-1]
+    scrub = Scrubber(model_dir, model_name)
     app = FastAPI(title=f"lorafit serve: {model_name}")
+
+    def prompt_tokens(body: dict) -> int:
+        messages = handler.get_processor_inputs_from_messages(body["messages"], Modality.LLM)
+        ids = tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tools=body.get("tools"),
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+        return len(ids)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            sent = request.headers.get("authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "missing or wrong API key", "authentication_error")
+        if api_key:
+            if request.url.path != "/health":
+                sent = request.headers.get("authorization", "")
+                if not hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
+                    return _error(401, "missing or wrong API key", "authentication_error")
+        elif hosts is not None and request.headers.get("host", "") not in hosts:
+            return _error(403, "this server only answers requests addressed to localhost")
+        if request.method == "POST":
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                return _error(415, "send the request as JSON (Content-Type: application/json)")
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > limits.max_request_bytes:
             if int(size) <= limits.max_request_bytes * DRAIN_FACTOR:
@@ -164,31 +199,88 @@ def build_app(
         if raw is None:
             return _error(413, f"request body over {limits.max_request_bytes} bytes")
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return _error(400, f"malformed JSON: {e}")
-        problem = validate_chat_request(body, model_name, limits)
-        if problem:
-            status, message = problem
-            return _error(status, message, code="model_not_found" if status == 404 else None)
+            body = parse_body(raw, limits)
+            validate_chat_request(body, model_name, limits, vocab)
+        except BadRequest as e:
+            return _error(e.status, scrub.text(str(e)), code=e.code)
         if system_prompt and not any(m.get("role") == "system" for m in body["messages"]):
             body["messages"] = [{"role": "system", "content": system_prompt}, *body["messages"]]
-        body["model"] = str(model_dir)
         if waiting.locked():
-            return _error(503, "server busy: too many requests waiting; retry later", "overloaded")
-        async with waiting:
+            return _error(
+                503,
+                "server busy: too many requests waiting; retry later",
+                "overloaded",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        await waiting.acquire()
+        handed_over = False
+        try:
+            response = await _answer(body)
+            if isinstance(response, StreamingResponse):
+                # the stream keeps its place in the queue until it ends (or the client leaves)
+                response = HoldsSlot(response, waiting.release)
+                handed_over = True
+            return response
+        finally:
+            if not handed_over:
+                waiting.release()
+
+    async def _answer(body: dict):
+        loop = asyncio.get_running_loop()
+        try:
+            count = await loop.run_in_executor(counter, prompt_tokens, body)
+        except Exception as e:  # noqa: BLE001 - the template could not render these messages
+            return _error(400, scrub.text(f"these messages cannot be rendered: {e}"))
+        wanted = body.get("max_completion_tokens") or body.get("max_tokens")
+        if count + wanted > context:
+            return _error(
+                400,
+                f"the prompt is {count} tokens; with max_tokens {wanted} that is over this "
+                f"server's context of {context} tokens: shorten the conversation or ask for "
+                "fewer tokens",
+                code="context_length_exceeded",
+            )
+        body["model"] = str(model_dir)
+        try:
             response = await handler.handle_request(body, str(uuid.uuid4()))
+        except Exception as e:  # noqa: BLE001 - a 4xx/5xx in OpenAI's shape, never a traceback
+            status = getattr(e, "status_code", None)
+            if status is None:
+                log.exception("chat completion failed")
+                return _error(500, "the model failed on this request", "server_error")
+            return _error(
+                400 if status == 422 else status, scrub.text(str(getattr(e, "detail", e)))
+            )
         if isinstance(response, JSONResponse):
-            # report the public model name, not the server's directory
             data = json.loads(response.body)
             if isinstance(data, dict) and "model" in data:
                 data["model"] = model_name
-            return JSONResponse(data, status_code=response.status_code)
+            text = scrub.text(json.dumps(data, ensure_ascii=False))
+            return JSONResponse(json.loads(text), status_code=response.status_code)
         if isinstance(response, StreamingResponse):
-            response.body_iterator = _renamed(response.body_iterator, private, public)
+            response.body_iterator = _public(response.body_iterator)
         return response
 
+    async def _public(chunks):
+        async for chunk in chunks:
+            yield scrub.event(chunk)
+
     return app
+
+
+class HoldsSlot(StreamingResponse):
+    """A streamed response that gives its place in the queue back when sending ends, however
+    it ends: finished, failed, or the client gone (even before the first chunk)."""
+
+    def __init__(self, inner: StreamingResponse, release):
+        self.__dict__.update(inner.__dict__)
+        self._release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 def serve(
@@ -201,18 +293,19 @@ def serve(
 ) -> None:
     import uvicorn
 
-    from lorafit.merge import servable_dir
+    from lorafit.merge import MERGE_INFO, servable_dir
     from lorafit.rundir import read_json
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if host not in LOOPBACK and not api_key:
         raise LorafitError(
             f"--host {host} exposes the model to the network without an API key; "
             f"set --api-key or {API_KEY_ENV} (or keep the default 127.0.0.1)"
         )
     model_dir = servable_dir(target)
-    merge_info = model_dir / "lorafit_merge.json"
+    merge_info = model_dir / MERGE_INFO
     system_prompt = read_json(merge_info).get("system_prompt") if merge_info.is_file() else None
     name = model_name or Path(str(target).rstrip("/")).name or "lorafit"
-    app = build_app(model_dir, name, system_prompt, api_key, limits)
+    hosts = None if api_key else allowed_hosts(host, port)
+    app = build_app(model_dir, name, system_prompt, api_key, limits, hosts=hosts)
     uvicorn.run(app, host=host, port=port, log_level="warning")
