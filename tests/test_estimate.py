@@ -65,7 +65,8 @@ def test_units():
 def test_the_4gb_preset_fits_4gib_and_advice_finds_a_fit(tmp_path):
     cfg = load_config(ROOT / "configs" / "tinyllama-qlora-4gb.yaml")
     e = check_budget(estimate(cfg, TINYLLAMA_1B, "cuda", "bfloat16"), parse_bytes("4GiB"))
-    assert e.fits and e.gpu_peak_bytes < 3.5 * 2**30
+    # README documents 1.9 GiB for this preset; the figure must move with the README
+    assert e.fits and e.gpu_peak_bytes / 2**30 == pytest.approx(1.9, abs=0.05)
     # the same model unquantized, batch 8, no checkpointing: does not fit; the advice does
     big = load_config(
         None,

@@ -112,3 +112,21 @@ def test_batched_generation_gives_the_one_at_a_time_answers(tiny_model_dir):
         if tok.eos_token_id in row:
             row = row[: row.index(tok.eos_token_id)]
         assert text == tok.decode(row, skip_special_tokens=True).strip()
+
+
+def test_score_reports_accuracy_per_kind_from_the_rows_verdicts():
+    rows = [
+        {"prompt": "q", "reference": "r", "kind": kind, "tuned": "a", "tuned_stopped": True}
+        | {"tuned_correct": ok}
+        for kind, ok in [("define", True), ("define", False), ("reverse", True), ("variant", False)]
+    ]
+    m = score(rows, "tuned")
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["by_kind"] == {
+        "define": {"accuracy": 0.5, "n": 2},
+        "reverse": {"accuracy": 1.0, "n": 1},
+        "variant": {"accuracy": 0.0, "n": 1},
+    }
+    assert list(m["by_kind"]) == ["define", "reverse", "variant"]  # in the kinds' own order
+    plain = score([{k: v for k, v in r.items() if k != "kind"} for r in rows], "tuned")
+    assert "by_kind" not in plain  # user data without kinds

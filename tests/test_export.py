@@ -1,7 +1,7 @@
 """GGUF export pieces that need no conversion: the Ollama Modelfile is verified against the
 model's own chat template (the full round trip runs in test_e2e)."""
 
-from lorafit.export import CHAT_FORMATS, _render, chat_format_for, modelfile_text
+from lorafit.modelfile import CHAT_FORMATS, _render, chat_format_for, modelfile_text
 
 
 def test_chat_template_is_recognised_and_its_default_system_prompt_kept(tokenizer):

@@ -4,8 +4,9 @@ from pathlib import Path
 
 from conftest import run_cli
 
-from lorafit.data.generate import answer_for, generate_pairs
+from lorafit.data.generate import generate_pairs
 from lorafit.data.glossary import load_glossary
+from lorafit.data.kinds import answer_for
 
 ROOT = Path(__file__).resolve().parents[1]
 AVIATION = ROOT / "data" / "glossaries" / "aviation.yaml"
@@ -66,7 +67,10 @@ def test_cli_writes_files_and_counts(tmp_path):
     assert r.returncode == 0, r.stderr
     train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
-    assert set(train[0]) == {"prompt", "response"}
+    assert {"prompt", "response", "kind"} <= set(train[0])
     assert f"{len(train)} train prompts" in r.stdout.replace("\n", " ")
-    assert len(evals) == 3 * 68
+    manifest = json.loads((tmp_path / "lorafit_data.json").read_text())
+    assert len(evals) == manifest["eval"] == sum(manifest["eval_kinds"].values())
+    kinds = Counter(r["kind"] for r in evals)
+    assert kinds["define"] == 2 * 68 and kinds["reverse"] == 68  # the config's eval_kinds
     assert Counter(len(r["response"]) > 0 for r in train)[True] == len(train)

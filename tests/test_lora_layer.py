@@ -101,13 +101,11 @@ def test_unusual_states_match_peft(case):
     torch.testing.assert_close(b, a)
 
 
-def test_quantized_models_keep_peft_layers(tiny_model_dir):
-    from types import SimpleNamespace
-
+def test_full_precision_models_get_the_fused_layer(tiny_model_dir):
+    """(A real 4-bit and 8-bit model keeping peft's own layers: test_reliability.py's
+    quantized training test.)"""
     from lorafit.config import LoraSection, ModelSection
     from lorafit.model import load_model, lora_config
 
     model = load_model(ModelSection(name=str(tiny_model_dir)), device="cpu")
     assert lora_config(LoraSection(), model)._custom_modules == {torch.nn.Linear: FusedLoraLinear}
-    quantized = SimpleNamespace(config=model.config, is_quantized=True)
-    assert not lora_config(LoraSection(), quantized)._custom_modules

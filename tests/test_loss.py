@@ -100,9 +100,13 @@ def test_shared_prefix_works_whatever_attention_the_model_uses(tiny_model_dir, t
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     model = get_peft_model(model, config).train()
     batch = _packed(tokenizer, QUESTIONS)
-    plain, _, _ = _loss_and_grads(model, batch, shared=False)
-    shared, _, _ = _loss_and_grads(model, batch, shared=True)
+    plain, _, grads_plain = _loss_and_grads(model, batch, shared=False)
+    shared, _, grads_shared = _loss_and_grads(model, batch, shared=True)
     assert torch.allclose(plain, shared, rtol=1e-5)
+    assert len(grads_plain) == len(grads_shared) > 0  # it trains the same, not only scores so
+    for name, grad in grads_plain.items():
+        relative = (grad - grads_shared[name]).norm() / grad.norm()
+        assert relative < 1e-4, (name, relative)
     assert model.get_base_model().config._attn_implementation == "eager"
 
 

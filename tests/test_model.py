@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from lorafit import model as model_mod
+from lorafit import sources as model_mod
 from lorafit.config import ModelSection
 from lorafit.errors import LorafitError
-from lorafit.model import check_safetensors, load_model, resolve_model_dir, resolve_source
+from lorafit.model import load_model
+from lorafit.sources import check_safetensors, resolve_model_dir, resolve_source
 
 
 def test_resolve_source_kinds(tmp_path, tiny_model_dir):
@@ -104,3 +105,70 @@ def test_real_embedded_model_answers(embedded_dir, tokenizer):
         model, tokenizer, [chat_prompt("What is the capital of France?", None)], max_new_tokens=32
     )
     assert "Paris" in answer and stopped
+
+
+def test_a_run_rebuilds_exactly_the_base_it_trained_on(tmp_path, tiny_model_dir, monkeypatch):
+    """A relative base path is recorded absolute; from another working directory the run finds
+    the same base; a base whose weights changed since is refused, naming the file."""
+    import json
+    import shutil
+
+    from conftest import write_jsonl
+    from safetensors.torch import load_file, save_file
+
+    from lorafit.config import load_config
+    from lorafit.inference import load_for_inference
+    from lorafit.train import train
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_model_dir, project / "mybase")
+    data = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a?", "response": "b."}] * 8)
+    monkeypatch.chdir(project)
+    sets = {
+        "model.name": "mybase",  # relative to the working directory
+        "data.train": data,
+        "output_dir": tmp_path / "run",
+        "train.max_steps": 1,
+        "data.replay": 0,
+        "tracking.enabled": False,
+    }
+    train(load_config(None, [f"{k}={v}" for k, v in sets.items()]), show_progress=False)
+    base = json.loads((tmp_path / "run" / "run.json").read_text())["base_model"]
+    assert base["kind"] == "local" and base["source"] == str(project / "mybase")
+    assert len(base["sha256"]) == 64 and base["allow_pickle"] is False
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_for_inference(tmp_path / "run").has_adapter
+
+    weights = project / "mybase" / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, weights)
+    with pytest.raises(LorafitError, match=r"mybase: the base model changed since this run"):
+        load_for_inference(tmp_path / "run")
+
+
+def test_a_hub_run_pins_the_commit_and_keeps_its_flags(tmp_path, monkeypatch):
+    from lorafit.sources import base_of_run, resolve_base
+
+    commit = "a" * 40
+    snapshot = tmp_path / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"")
+    asked = []
+
+    def fake_snapshot(source, revision):
+        asked.append(revision)
+        return snapshot
+
+    monkeypatch.setattr(model_mod, "_hub_snapshot", fake_snapshot)
+    cfg = ModelSection(name="Org/model", revision="main", trust_remote_code=True)
+    base = resolve_base(cfg)
+    assert base.revision == commit and base.trust_remote_code is True
+    again = base_of_run(base.record())
+    assert asked == ["main", commit]  # the run's rebuild asks for the commit, not the branch
+    assert again.section().trust_remote_code is True

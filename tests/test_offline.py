@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import run_cli, write_jsonl
 
-from lorafit import model as model_mod
+from lorafit import sources as model_mod
 from lorafit.errors import LorafitError
 
 REFUSED = "http://127.0.0.1:9"  # discard port: nothing listens

@@ -2,8 +2,12 @@
 with --allow-pickle, and secrets that never reach any output file."""
 
 import errno
+import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import run_cli, write_jsonl
@@ -173,59 +177,83 @@ def test_pickle_only_models_need_allow_pickle(tmp_path, tiny_model_dir):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_secrets_never_reach_any_output_file(tmp_path, tiny_model_dir):
-    """A token in the environment and in .env: training, eval and merge never write it."""
-    secret_env, secret_dotenv = "hf_FAKEenvSECRET1234567890", "sk-FAKEdotenvSECRET0987654321"
-    (tmp_path / ".env").write_text(f"HF_TOKEN={secret_dotenv}\nOPENAI_API_KEY={secret_dotenv}\n")
+SECRET_ENV, SECRET_DOTENV, SECRET_URI = (
+    "hf_FAKEenvSECRET1234567890",
+    "sk-FAKEdotenvSECRET0987654321",
+    "PwFAKEuriSECRET5555",
+)
+
+
+def test_dotenv_is_read_from_the_working_directory(tmp_path):
+    """README: tokens may sit in a .env of the working directory; the CLI loads it there
+    (python-dotenv's default search starts from the package's folder, not the user's)."""
+    (tmp_path / ".env").write_text(f"HF_TOKEN={SECRET_DOTENV}\n")
+    probe = (
+        "import hashlib, os; from lorafit.cli import _setup; _setup(); "
+        "print(hashlib.sha256(os.environ.get('HF_TOKEN', '').encode()).hexdigest())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    got = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert got.stdout.strip() == hashlib.sha256(SECRET_DOTENV.encode()).hexdigest(), got.stderr
+
+
+@pytest.mark.slow
+def test_secrets_never_reach_any_output(tmp_path):
+    """Tokens in the environment and in the working directory's .env, and a tracking URI with
+    a password: train, eval, merge and export never write or print them: not in the run's
+    files, the tracking store, the GGUF folder, or any command's output."""
+    (tmp_path / ".env").write_text(f"HF_TOKEN={SECRET_DOTENV}\nOPENAI_API_KEY={SECRET_DOTENV}\n")
     data = write_jsonl(
         tmp_path / "t.jsonl", [{"prompt": f"What is {i}?", "response": f"{i}."} for i in range(8)]
     )
-    env = {"HF_TOKEN": secret_env, "MLFLOW_TRACKING_URI": ""}  # default store under tmp/runs
-    r = run_cli(
-        "train",
-        "--data",
-        str(data),
-        "--eval-data",
-        str(data),
-        "--output",
-        "runs/secret",
-        "--set",
-        f"model.name={tiny_model_dir}",
-        "--set",
-        "train.max_steps=2",
-        "--set",
-        "data.replay=0",
-        cwd=tmp_path,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli(
-        "eval",
-        "runs/secret",
-        "--data",
-        str(data),
-        "--limit",
-        "2",
-        "--no-probes",
-        "--max-new-tokens",
-        "4",
-        cwd=tmp_path,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli("merge", "runs/secret", "--output", "runs/merged", cwd=tmp_path, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
-    assert any(p.name == "mlflow.db" for p in files) and len(files) > 20
+    env = {"HF_TOKEN": SECRET_ENV, "MLFLOW_TRACKING_URI": ""}  # default store under tmp/runs
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | env
+    # the real model: a random tiny one's greedy answers do not survive f16 (export refuses it)
+    tiny = ["--set", "train.max_steps=1", "--set", "data.replay=0", "--set", "train.batch_size=4"]
+    outputs = []
+
+    def cli(*args):
+        r = run_cli(*args, cwd=tmp_path, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outputs.append(r.stdout + r.stderr)
+
+    cli("train", "--data", str(data), "--eval-data", str(data), "--output", "runs/secret", *tiny)
+    cli("eval", "runs/secret", "--data", str(data), "--limit", "2", "--max-new-tokens", "4")
+    cli("merge", "runs/secret", "--output", "runs/merged")
+    cli("export", "gguf", "runs/secret", "--output", "gguf/secret-f16.gguf")
+    # a store whose URI carries a password (unreachable: tracking goes quiet, training goes on)
+    uri = f"http://alice:{SECRET_URI}@127.0.0.1:9/?token={SECRET_URI}"
+    cli("train", "--data", str(data), "--output", "runs/uri", *tiny, "--set", f"tracking.uri={uri}")
+    r = run_cli("runs", "--store", uri, cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "***" in r.stderr  # a clear error, the URI redacted
+    outputs.append(r.stdout + r.stderr)
+
+    files = [
+        p for folder in ("runs", "gguf") for p in (tmp_path / folder).rglob("*") if p.is_file()
+    ]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.suffix == ".gguf" for p in files)
+    assert any("mlartifacts" in p.parts for p in files) and len(files) > 30
     for p in files:
         blob = p.read_bytes()
-        for secret in (secret_env, secret_dotenv):
+        for secret in (SECRET_ENV, SECRET_DOTENV, SECRET_URI):
             assert secret.encode() not in blob, f"{secret} leaked into {p}"
-    outputs = r.stdout + r.stderr
-    assert secret_env not in outputs and secret_dotenv not in outputs
-    assert (
-        json.loads((tmp_path / "runs" / "secret" / "run.json").read_text())["status"] == "completed"
-    )
+    for text in outputs:
+        for secret in (SECRET_ENV, SECRET_DOTENV, SECRET_URI):
+            assert secret not in text
+    assert "***@127.0.0.1" in (tmp_path / "runs/uri/config.yaml").read_text()
+
+
+def test_the_converter_gets_no_credentials(monkeypatch):
+    from lorafit.converter import converter_env
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(name, SECRET_ENV)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_ENV)
+    env = converter_env("/tmp/cache")
+    assert SECRET_ENV not in json.dumps(env)
+    assert env["HF_HUB_OFFLINE"] == "1" and "PATH" in env
 
 
 def test_non_finite_loss_stops_with_the_step_and_a_lower_lr_hint(tmp_path, tiny_model_dir):
@@ -271,3 +299,18 @@ def test_quantized_training_on_cpu_learns_and_merges_with_parity(tmp_path, quant
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 * 0.8, losses
     report = merge(run, tmp_path / "merged")
     assert report["parity_ok"]
+
+    # the quantized base keeps peft's bitsandbytes LoRA layers, never FusedLoraLinear
+    from peft import get_peft_model
+    from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
+
+    from lorafit.config import LoraSection, ModelSection
+    from lorafit.lora_layer import FusedLoraLinear
+    from lorafit.model import load_model, lora_config
+
+    model = load_model(ModelSection(quantization=quantization), device="cpu")
+    peft_model = get_peft_model(model, lora_config(LoraSection(), model))
+    layers = [m for m in peft_model.modules() if hasattr(m, "lora_A")]
+    expected = Linear4bit if quantization == "4bit" else Linear8bitLt
+    assert layers and all(isinstance(m, expected) for m in layers)
+    assert not any(isinstance(m, FusedLoraLinear) for m in layers)

@@ -87,12 +87,19 @@ def test_lora_weights_changed_and_base_frozen(tiny_run, tiny_model_dir):
     assert any("mlp.down_proj" in t for t in targets) and any(
         "self_attn.o_proj" in t for t in targets
     )
+    # what training saved is LoRA only: the base it applies to stays the file on disk
+    saved = load_file(tiny_run / "adapter" / "adapter_model.safetensors")
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), list(saved)[:5]
+    assert len(saved) == 2 * len(targets)
+    compared = 0
     for name, param in model.get_base_model().named_parameters():
         if "lora_" in name:
             continue
         key = name.replace(".base_layer", "")
         if key in original:
             assert torch.equal(param, original[key]), f"{key} changed"
+            compared += 1
+    assert compared >= 2 * 7  # every adapted linear layer of both decoder layers was checked
 
 
 def test_same_seed_same_loss_curve(tmp_path, tiny_model_dir, tiny_run):
@@ -138,11 +145,22 @@ def test_eval_writes_predictions_metrics_report(tiny_run, tmp_path):
     ]
     assert set(preds[0]) >= {"prompt", "reference", "base", "tuned"}
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 3
+    for model in ("base", "tuned"):  # the metrics are the predictions' own verdicts
+        right = [p[f"{model}_correct"] for p in preds]
+        assert m[model]["accuracy"] == pytest.approx(sum(right) / 3)
     assert "| base |" in (tmp_path / "ev" / "report.md").read_text()
     # the general-ability probes run on both models by default
-    assert 0 <= m["base"]["general_accuracy"] <= 1 and 0 <= m["tuned"]["general_accuracy"] <= 1
-    assert isinstance(m["general_regressions"], list)
-    assert (tmp_path / "ev" / "probe_predictions.jsonl").is_file()
+    probes = [
+        json.loads(line)
+        for line in (tmp_path / "ev" / "probe_predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(probes) > 50
+    for model in ("base", "tuned"):
+        right = sum(p[f"{model}_correct"] for p in probes)
+        assert m[model]["general_accuracy"] == pytest.approx(right / len(probes))
+    assert m["general_regressions"] == [
+        p["prompt"] for p in probes if p["base_correct"] and not p["tuned_correct"]
+    ]
 
 
 def test_tuned_answers_with_the_adapter_merged_in_memory_match_unmerged(tiny_run):
@@ -233,3 +251,55 @@ def test_a_second_run_into_the_same_directory_refuses_to_start(tmp_path):
     # the lock itself is free again once released
     with RunLock(tmp_path):
         pass
+
+
+def test_base_answers_come_from_the_cache_the_second_time(tiny_run, tmp_path, monkeypatch):
+    import lorafit.evaluate as evaluate_module
+    from lorafit.config import EvalSection
+
+    data = write_jsonl(tmp_path / "e.jsonl", ROWS[:3])
+    settings = EvalSection(max_new_tokens=8)
+    first = evaluate_module.evaluate(tiny_run, data, tmp_path / "a", settings, probes=None)
+    real, calls = evaluate_module.generate, []
+
+    def counting(model, tok, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return real(model, tok, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "generate", counting)
+    second = evaluate_module.evaluate(tiny_run, data, tmp_path / "b", settings, probes=None)
+    assert calls == [3]  # the tuned answers only: the base answers came from the cache
+    rows = [
+        [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
+        for d in ("a", "b")
+    ]
+    assert [r["base"] for r in rows[0]] == [r["base"] for r in rows[1]]
+    assert first["base"]["accuracy"] == second["base"]["accuracy"]
+    calls.clear()
+    no_cache = EvalSection(max_new_tokens=8, cache_base_answers=False)
+    evaluate_module.evaluate(tiny_run, data, tmp_path / "c", no_cache, probes=None)
+    assert calls == [3, 3]
+
+
+def test_merge_refuses_to_write_when_parity_fails(tiny_run, tmp_path, monkeypatch):
+    import lorafit.merge as merge_module
+
+    monkeypatch.setattr(merge_module, "TOLERANCE", 0.0)  # no merge reproduces logits exactly
+    out = tmp_path / "merged"
+    with pytest.raises(LorafitError, match="parity check failed.*not written"):
+        merge_module.merge(tiny_run, out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+
+
+def test_gradient_checkpointing_trains_with_the_shared_prefix_off(tmp_path, tiny_model_dir):
+    """The 4 GB preset turns checkpointing on; its recompute cannot take the row mask, so
+    sharing must be off, and the run must still learn."""
+    run = train(
+        _cfg(tmp_path, tiny_model_dir, out="ckpt", **{"train.gradient_checkpointing": True}),
+        show_progress=False,
+    )
+    info = read_json(run / "run.json")
+    assert info["status"] == "completed" and info["results"]["shared_prefix"] == 0
+    losses = _losses(run)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.8

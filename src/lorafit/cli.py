@@ -61,8 +61,20 @@ def _setup() -> None:
     # set win
     load_dotenv(Path.cwd() / ".env", override=False)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # MLflow configures its own loggers at import, at INFO ("Creating initial MLflow database
+    # tables...") unless told otherwise
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_rich_handler()])
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock", "matplotlib"):
+    for noisy in (
+        "httpx",
+        "urllib3",
+        "huggingface_hub",
+        "datasets",
+        "filelock",
+        "matplotlib",
+        "mlflow",
+        "alembic",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # bitsandbytes 0.50 warns on import on bf16 CPUs that an optional kernel package is
     # missing: nothing a user can act on, and it printed before every answer of `lorafit ask`
@@ -96,8 +108,23 @@ def data_generate(
     glossary: Annotated[str, typer.Argument(help="Glossary file (YAML, JSON or CSV).")],
     out: Annotated[Path, typer.Option("--out", help="Directory for train.jsonl and eval.jsonl.")],
     seed: Annotated[int, typer.Option(help="Seed for phrasing choice and order.")] = 0,
-    per_term: Annotated[int, typer.Option(help="Training phrasings per term (>= 8).", min=1)] = 8,
-    eval_per_term: Annotated[int, typer.Option(help="Held-out phrasings per term.", min=1)] = 3,
+    kinds: Annotated[
+        str | None,
+        typer.Option(
+            help="Training questions per term of each kind, e.g. define=6,reverse=3 (kinds: "
+            "define, expand, reverse, followup, compare, variant; others keep the default).",
+        ),
+    ] = None,
+    eval_kinds: Annotated[
+        str | None, typer.Option(help="Held-out questions per term of each kind, as --kinds.")
+    ] = None,
+    per_term: Annotated[
+        int | None,
+        typer.Option(help="Training 'define' phrasings per term (as --kinds define=N).", min=0),
+    ] = None,
+    eval_per_term: Annotated[
+        int | None, typer.Option(help="Held-out 'define' phrasings per term.", min=0)
+    ] = None,
     unknown: Annotated[
         int | None,
         typer.Option(
@@ -120,6 +147,9 @@ def data_generate(
     from lorafit.data.generate import default_unknown_terms, write_generated
     from lorafit.data.glossary import load_glossary
 
+    counts = {"data.kinds": kinds, "data.eval_kinds": eval_kinds}
+    sets = [f"{key}={{{value.replace('=', ': ')}}}" for key, value in counts.items() if value]
+    data = _config(None, sets).data
     g = load_glossary(glossary)
     unknown = default_unknown_terms(g) if unknown is None else unknown
     train, evals, n_train, n_eval = write_generated(
@@ -129,6 +159,8 @@ def data_generate(
         unknown_train=unknown,
         unknown_eval=unknown_eval,
         overwrite=overwrite,
+        kinds=data.kinds,
+        eval_kinds=data.eval_kinds,
         train_per_term=per_term,
         eval_per_term=eval_per_term,
     )
@@ -334,7 +366,7 @@ def eval_cmd(
 
 
 def _print_metrics(m: dict) -> None:
-    from lorafit.report import METRIC_COLUMNS, metric_cells
+    from lorafit.report import KIND_COLUMNS, METRIC_COLUMNS, kind_cells, metric_cells
 
     table = Table(title=f"held-out evaluation ({m['n']} prompts)")
     for col in METRIC_COLUMNS:
@@ -342,6 +374,13 @@ def _print_metrics(m: dict) -> None:
     for name in ("base", "tuned"):
         table.add_row(*metric_cells(name, m[name]))
     console.print(table)
+    if kind_cells(m):
+        kinds = Table(title="accuracy by question kind (held-out)")
+        for col in KIND_COLUMNS:
+            kinds.add_column(col, justify="left" if col == KIND_COLUMNS[0] else "right")
+        for cells in kind_cells(m):
+            kinds.add_row(*cells)
+        console.print(kinds)
     if m.get("general_regressions"):
         console.print(
             f"[yellow]general-ability regressions:[/] {escape('; '.join(m['general_regressions']))}"
@@ -548,6 +587,24 @@ def estimate(
             console.print("  or: lorafit train ... --auto-fit --gpu-memory " + gpu_memory)
 
 
+@export_app.command("setup")
+def export_setup(
+    llama_cpp: Annotated[
+        bool,
+        typer.Option(
+            "--llama-cpp/--no-llama-cpp",
+            help="Also install llama.cpp (node-llama-cpp, needs Node.js) for the round trip.",
+        ),
+    ] = True,
+) -> None:
+    """Install the GGUF converter (and llama.cpp for the round-trip check) now, not at the
+    first export: each pinned by hash, into $LORAFIT_HOME/tools."""
+    from lorafit.export import setup_tools
+
+    for tool, where in setup_tools(llama_cpp).items():
+        console.print(f"{tool}: {escape(where)}")
+
+
 @export_app.command("gguf")
 def export_gguf(
     model: ModelArg,
@@ -578,17 +635,28 @@ def export_gguf(
     table.add_row("chat template embedded", "✅" if r["chat_template_matches"] else "❌")
     table.add_row("end token", "✅" if r["eos_matches"] else "❌")
     table.add_row("tokenizer ids", "✅" if r["tokenizer_ids_match"] else "❌")
-    table.add_row("same greedy answers as merged", f"{r['agreement']:.0%}")
+    table.add_row(
+        "same greedy answers as merged",
+        f"{r['agreement']:.0%} ({r['agreement_up_to_ties']:.0%} counting near-ties)",
+    )
     if "gguf_accuracy" in r:
         table.add_row(
             "held-out accuracy merged / gguf",
             f"{r['merged_accuracy']:.0%} / {r['gguf_accuracy']:.0%}",
         )
     llama = r["llama_cpp"]
-    table.add_row(
-        "llama.cpp", f"{llama['agreement']:.0%} same answers" if llama["checked"] else llama["why"]
-    )
+    if llama["checked"]:
+        cell = (
+            f"{llama['agreement']:.0%} same answers ({llama['agreement_up_to_ties']:.0%} with ties)"
+        )
+        if "accuracy" in llama:
+            cell += f", held-out accuracy {llama['accuracy']:.0%}"
+        table.add_row(f"llama.cpp ({llama['runner']})", cell)
+    else:
+        table.add_row("llama.cpp", escape(llama["why"]))
     console.print(table)
+    for warning in r.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     console.print(f"[green]wrote[/] {escape(r['gguf'])} and {escape(r['modelfile'])}")
     console.print(
         f"ollama: cd {escape(str(Path(r['gguf']).parent))} && ollama create my-model -f "
@@ -663,8 +731,8 @@ def runs(
         )
         return
     table = Table(title=f"lorafit runs ({escape(redact_uri(uri))})")
+    table.add_column("name", no_wrap=True)  # folded, a name broke letter by letter at 80 columns
     for col in (
-        "name",
         "base model",
         "data",
         "held-out acc.",

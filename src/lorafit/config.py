@@ -9,15 +9,20 @@ Unknown keys and wrong types are errors that name the key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorafit.errors import LorafitError
 from lorafit.shipped import preset
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+# The kinds of question lorafit.data.kinds generates, and how many per glossary term of each,
+# in training and held out (see README for the measurements behind them).
+KINDS = ("define", "expand", "reverse", "followup", "compare", "variant")
+TRAIN_KINDS = {"define": 6, "expand": 2, "reverse": 3, "followup": 1, "compare": 1, "variant": 2}
+EVAL_KINDS = {"define": 2, "expand": 1, "reverse": 1, "followup": 1, "compare": 1, "variant": 1}
 # Only base answers that end within this many tokens are replayed: long answers cost the most
 # training time per row and are mostly the base model's rambling arithmetic (measured on the
 # demo, see README).
@@ -67,14 +72,13 @@ class LoraSection(_Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="Modules that get adapters; 'all-linear' = every linear "
-        "layer except the LM head (measured: far better than q/v only).",
+        "layer except the LM head (learns far more than q/v only; see README).",
     )
     top_layers: int | None = Field(
         None,
         gt=0,
         description="Adapt only the top N decoder layers (None: all). Backward then stops "
-        "below them: faster and less memory, but it learns less per epoch (measured on the "
-        "embedded model: the top 15 of 30 layers, 1.33x faster, far higher loss).",
+        "below them: faster and less memory, but it learns less per epoch (see README).",
     )
 
 
@@ -111,7 +115,17 @@ class DataSection(_Section):
         REPLAY_MAX_NEW_TOKENS,
         gt=0,
         description="Replay only base answers that end within this many tokens (longer ones "
-        "cost more training time than they protect; measured on the demo).",
+        "cost more training time than they protect).",
+    )
+    kinds: dict[str, int] = Field(
+        default_factory=lambda: dict(TRAIN_KINDS),
+        description="Training questions per glossary term of each kind (define, expand, "
+        "reverse, followup, compare, variant; see lorafit.data.kinds); kinds not named keep "
+        "their default, 0 turns one off.",
+    )
+    eval_kinds: dict[str, int] = Field(
+        default_factory=lambda: dict(EVAL_KINDS),
+        description="Held-out questions per glossary term of each kind, scored by kind.",
     )
     replay_prompts: str | None = Field(
         None,
@@ -119,11 +133,22 @@ class DataSection(_Section):
         "lorafit:replay/general.jsonl).",
     )
 
+    @field_validator("kinds", "eval_kinds", mode="before")
+    @classmethod
+    def _known_kinds(cls, value, info):
+        if not isinstance(value, dict):
+            raise ValueError("expected a mapping of question kind to a count, e.g. {reverse: 3}")
+        unknown = sorted(set(value) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown question kind(s) {unknown}; kinds: {', '.join(KINDS)}")
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in value.values()):
+            raise ValueError("each count must be a whole number >= 0")
+        defaults = TRAIN_KINDS if info.field_name == "kinds" else EVAL_KINDS
+        return {**defaults, **value}
+
 
 class TrainSection(_Section):
-    epochs: float = Field(
-        2.0, gt=0, description="Passes over the training data (2 reached 95% held-out on the demo)."
-    )
+    epochs: float = Field(2.0, gt=0, description="Passes over the training data.")
     max_steps: int = Field(
         -1, description="Stop after this many optimizer steps (-1 = use epochs)."
     )
@@ -131,16 +156,16 @@ class TrainSection(_Section):
         60,
         ge=0,
         description="A dataset too small for this many optimizer steps over `epochs` is "
-        "repeated until it has them (0 = off; ignored with max_steps). Measured: 8 glossary "
-        "terms at 2 epochs are 14 steps and learn 8% of held-out questions.",
+        "repeated until it has them (0 = off; ignored with max_steps): a few steps teach "
+        "a small glossary almost nothing.",
     )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (LoRA tolerates high rates).")
     batch_size: int = Field(
         8,
         gt=0,
         description="Examples per forward pass (per device). Memory grows with rows x "
-        "length; 8 x 2 is safe for rows up to max_length. Measured on a 2-core CPU with "
-        "short glossary rows: 16 x 1 trains ~20% faster than 8 x 2 for ~0.8 GiB more "
+        "length; 8 x 2 is safe for rows up to max_length. With short rows 16 x 1 is faster "
+        "for more memory "
         "(configs/demo.yaml uses it).",
     )
     grad_accumulation: int = Field(2, gt=0, description="Micro-batches per optimizer step.")
@@ -148,8 +173,11 @@ class TrainSection(_Section):
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps warming up.")
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = Field(42, description="Seed for initialisation and data order.")
+    shuffle: bool = Field(
+        True, description="Shuffle the training rows each epoch (false: the file's order)."
+    )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward: less memory, ~30% slower."
+        False, description="Recompute activations in backward: less memory, slower."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
@@ -187,6 +215,11 @@ class EvalSection(_Section):
     max_new_tokens: int = Field(64, gt=0, description="Answer length bound for eval.")
     batch_size: int = Field(48, gt=0, description="Prompts generated together (greedy).")
     limit: int | None = Field(None, description="Evaluate only the first N prompts.")
+    cache_base_answers: bool = Field(
+        True,
+        description="Reuse the base model's answers from earlier evaluations on the same base, "
+        "prompts and settings (they do not change; cached in $LORAFIT_HOME/answers).",
+    )
 
 
 class Config(_Section):
@@ -213,7 +246,9 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     if not parts:
         raise LorafitError(f"--set {dotted!r}: empty key")
     node: Any = Config
-    for part in parts:
+    for i, part in enumerate(parts):
+        if get_origin(node) is dict and i == len(parts) - 1:
+            break  # a key inside a mapping field such as data.kinds
         fields = getattr(node, "model_fields", None)
         if fields is None or part not in fields:
             known = ", ".join(sorted(fields)) if fields else "(none: it is a value)"

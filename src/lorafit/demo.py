@@ -46,7 +46,7 @@ class DemoResult:
 
 def ask_seed_questions(model_dir: Path, glossary, max_new_tokens: int = 64) -> list[dict]:
     """Ask the seed's questions whose term is in ``glossary``; judge against its answer."""
-    from lorafit.data.generate import answer_for
+    from lorafit.data.kinds import answer_for
     from lorafit.inference import chat_prompt, generate, load_for_inference
 
     terms = {t.term: t for t in glossary.terms}
@@ -109,6 +109,8 @@ def run_demo(config: Config, output: Path, overwrite: bool = False, console=None
         seed=config.data.seed,
         unknown_train=config.data.unknown_terms,
         overwrite=overwrite,
+        kinds=config.data.kinds,
+        eval_kinds=config.data.eval_kinds,
     )
     say(
         f"[bold]1/4 data[/]: {len(glossary.terms)} terms -> {n_train} train / {n_eval} held-out "

@@ -24,7 +24,8 @@ def run_checks() -> list[Check]:
     import torch
 
     from lorafit.errors import LorafitError
-    from lorafit.model import cpu_has_bf16, resolve_source
+    from lorafit.model import cpu_has_bf16
+    from lorafit.sources import resolve_source
 
     versions = library_versions()
     checks = [

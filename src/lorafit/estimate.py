@@ -93,7 +93,7 @@ def load_shape(config: Config) -> tuple[ModelShape, str]:
     """The model's shape from its config.json only (a Hub model: one small download)."""
     from transformers import AutoConfig
 
-    from lorafit.model import hub_config, materialize_gguf, resolve_source
+    from lorafit.sources import hub_config, materialize_gguf, resolve_source
 
     source = resolve_source(config.model.name)
     if source.kind == "hub":  # cache, then the copy shipped for presets, then the network
@@ -172,7 +172,8 @@ def longest_row(config: Config) -> int | None:
         return None
     from lorafit.data.formats import read_dataset
     from lorafit.data.tokenize import tokenize_all
-    from lorafit.model import load_tokenizer, resolve_model_dir
+    from lorafit.model import load_tokenizer
+    from lorafit.sources import resolve_model_dir
 
     tokenizer = load_tokenizer(resolve_model_dir(config.model.name, config.model.revision))
     examples = read_dataset(config.data.train).examples

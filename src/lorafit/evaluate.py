@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorafit.answer_cache import cached_answers, model_key
 from lorafit.config import EvalSection
 from lorafit.data.formats import jsonl_lines, read_dataset, write_jsonl
+from lorafit.data.kinds import KINDS
 from lorafit.data.tokenize import with_system
 from lorafit.errors import LorafitError
 from lorafit.inference import chat_prompt, generate, load_for_inference
-from lorafit.judge import KEY_RECALL, judge, probe_correct, refuses, rouge_l
+from lorafit.judge import KEY_RECALL, judge, judge_kind, probe_correct, refuses, rouge_l
 from lorafit.report import render as render_html
 from lorafit.report import report_md
 from lorafit.rundir import RunDir, write_json
@@ -67,14 +69,18 @@ def read_probes(path: str | Path) -> list[dict]:
     return rows
 
 
-def answer_sets(loaded, jobs: list[tuple[list, int]], batch_size: int, progress=None):
+def answer_sets(
+    loaded, jobs: list[tuple[list, int]], batch_size: int, progress=None, base_record=None
+):
     """[(base answers, tuned answers)] for each (prompts, max_new_tokens) job.
 
     ``progress(done, total)`` is called after every generated batch.
 
-    Every base answer comes first (adapter disabled); the tuned answers then run with the
-    adapter merged into the weights, which generates faster than LoRA's extra matmuls per
-    layer. Quantized bases keep the adapter separate (merging into 4/8-bit weights is lossy).
+    Every base answer comes first (adapter disabled), from lorafit.answer_cache where an
+    earlier evaluation on the same base already gave it (``base_record``: run.json's
+    base_model; None: no cache). The tuned answers then run with the adapter merged into the
+    weights, which generates faster than LoRA's extra matmuls per layer. Quantized bases keep
+    the adapter separate (merging into 4/8-bit weights is lossy).
     """
     model, tok = loaded.model, loaded.tokenizer
     if progress is not None:  # progress(answers done, answers in all): base and tuned
@@ -86,7 +92,17 @@ def answer_sets(loaded, jobs: list[tuple[list, int]], batch_size: int, progress=
 
         progress = advance
     with model.disable_adapter():
-        base = [generate(model, tok, p, n, batch_size, progress) for p, n in jobs]
+        key = model_key(base_record, model) if base_record else None
+        base = [
+            cached_answers(
+                key,
+                p,
+                n,
+                lambda todo, n=n: generate(model, tok, todo, n, batch_size, progress),
+                progress,
+            )
+            for p, n in jobs
+        ]
     inner = model.get_base_model()
     quantized = getattr(inner, "hf_quantizer", None) is not None or any(
         getattr(inner, f"is_loaded_in_{bits}bit", False) for bits in (4, 8)
@@ -124,15 +140,29 @@ def probe_rows(probes: list[dict], base, tuned):
     )
 
 
-def score(rows: list[dict], key: str) -> dict[str, float]:
+def score(rows: list[dict], key: str) -> dict:
+    """Accuracy and the other measures of ``key``'s answers (base or tuned), overall and, where
+    rows have a kind, per kind (``by_kind``)."""
     n = max(len(rows), 1)
-    return {
-        "accuracy": sum(judge(r["prompt"], r["reference"], r[key]) for r in rows) / n,
+    right = [r.get(f"{key}_correct", judge(r["prompt"], r["reference"], r[key])) for r in rows]
+    out: dict = {
+        "accuracy": sum(right) / n,
         "rouge_l": sum(rouge_l(r["reference"], r[key]) for r in rows) / n,
         "stop_rate": sum(r[f"{key}_stopped"] for r in rows) / n,
         # over-refusal: "I don't know that term" for a term the model was taught
         "refusal_rate": sum(refuses(r[key]) for r in rows) / n,
     }
+    kinds = sorted({r["kind"] for r in rows if r.get("kind")}, key=_kind_order)
+    if kinds:
+        out["by_kind"] = {}
+        for kind in kinds:
+            marks = [ok for r, ok in zip(rows, right, strict=True) if r.get("kind") == kind]
+            out["by_kind"][kind] = {"accuracy": sum(marks) / len(marks), "n": len(marks)}
+    return out
+
+
+def _kind_order(kind: str) -> tuple[int, str]:
+    return (KINDS.index(kind) if kind in KINDS else len(KINDS), kind)
 
 
 def evaluate(
@@ -151,47 +181,27 @@ def evaluate(
     tracking store to log into (lorafit.tracking.tracker_for_run).
     """
     settings = settings or EvalSection()
-    max_new_tokens, batch_size, limit = settings.max_new_tokens, settings.batch_size, settings.limit
     run = RunDir.existing(run_dir)
     loaded = load_for_inference(run.path)
-    dataset = read_dataset(data)
-    examples = dataset.examples[:limit] if limit else dataset.examples
-    prompts = [with_system(e, loaded.system_prompt) for e in examples]
-    jobs = [(prompts, max_new_tokens)]
+    examples = read_dataset(data).examples[: settings.limit or None]
     probes_path = probes
     probes = read_probes(probes) if probes is not None else None
-    if probes:
-        jobs.append(
-            ([chat_prompt(p["prompt"], loaded.system_prompt) for p in probes], PROBE_MAX_NEW_TOKENS)
-        )
     unknown_examples = read_dataset(unknown).examples if unknown is not None else None
+    system = loaded.system_prompt
+    jobs = [([with_system(e, system) for e in examples], settings.max_new_tokens)]
+    if probes:
+        jobs.append(([chat_prompt(p["prompt"], system) for p in probes], PROBE_MAX_NEW_TOKENS))
     if unknown_examples:
-        jobs.append(
-            ([with_system(e, loaded.system_prompt) for e in unknown_examples], max_new_tokens)
-        )
-    answers = answer_sets(loaded, jobs, batch_size, progress)
-    base, tuned = answers.pop(0)
-    rows = []
-    for e, (b, b_stop), (t, t_stop) in zip(examples, base, tuned, strict=True):
-        question = e.prompt[-1]["content"]
-        rows.append(
-            {
-                "prompt": question,
-                "reference": e.answer,
-                "base": b,
-                "tuned": t,
-                "base_stopped": b_stop,
-                "tuned_stopped": t_stop,
-                "base_correct": judge(question, e.answer, b),
-                "tuned_correct": judge(question, e.answer, t),
-            }
-        )
+        jobs.append(([with_system(e, system) for e in unknown_examples], settings.max_new_tokens))
+    base_record = run.info().get("base_model") if settings.cache_base_answers else None
+    answers = answer_sets(loaded, jobs, settings.batch_size, progress, base_record)
+    rows = prediction_rows(examples, *answers.pop(0))
     metrics = {
         "base": score(rows, "base"),
         "tuned": score(rows, "tuned"),
         "n": len(rows),
         "data": str(data),
-        "judge": f"key-word recall >= {KEY_RECALL}",
+        "judge": f"key-word recall >= {KEY_RECALL}; per kind: lorafit.judge.judge_kind",
     }
     out = Path(output) if output else run.eval_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -223,6 +233,26 @@ def evaluate(
     _track(run, metrics, out, written, store)
     metrics["output"] = str(out)
     return metrics
+
+
+def prediction_rows(examples, base, tuned) -> list[dict]:
+    """One row per held-out question: both models' answers, each judged by its kind's rule."""
+    rows = []
+    for e, (b, b_stop), (t, t_stop) in zip(examples, base, tuned, strict=True):
+        question = e.prompt[-1]["content"]
+        row = {"prompt": question, "reference": e.answer, "base": b, "tuned": t}
+        if e.kind:
+            row["kind"] = e.kind
+        if len(e.prompt) > 1 and e.prompt[-2]["role"] == "assistant":  # a follow-up
+            row["history"] = [turn for turn in e.prompt if turn["role"] != "system"][:-1]
+        row.update(
+            base_stopped=b_stop,
+            tuned_stopped=t_stop,
+            base_correct=judge_kind(e.kind, question, e.answer, b, e.judge),
+            tuned_correct=judge_kind(e.kind, question, e.answer, t, e.judge),
+        )
+        rows.append(row)
+    return rows
 
 
 def _track(run: RunDir, metrics: dict, out: Path, written: list[Path], store) -> None:

@@ -52,3 +52,43 @@ def register_lora_layer(lora_config, base_class, lora_class) -> None:
     test_hooks.py::test_peft_builds_the_fused_layer.
     """
     lora_config._register_custom_module({base_class: lora_class})
+
+
+@contextmanager
+def quiet_gguf_loading():
+    """Load GGUF files without transformers' per-file "Converting and de-quantizing GGUF
+    tensors" bar (a plain tqdm in transformers 5.24's modeling_gguf_pytorch_utils, which no
+    verbosity setting reaches); lorafit logs one line instead. Test: test_hooks.py."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    before = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda items, **_: items
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = before
+
+
+# transformers 5.24.0: `transformers serve`'s OpenAI chat handler ------------------------
+def openai_chat_handler(model_dir, device: str = "auto"):
+    """transformers' chat-completions handler for one pinned model, and a function that gives
+    the messages exactly as the handler hands them to the chat template (for counting tokens).
+
+    transformers.cli.serving is the code behind `transformers serve`, not a documented
+    library API; lorafit.serve uses ``handle_request`` and the message conversion only.
+    Tests: test_serve.py (every live-server test goes through it), test_hooks.py.
+    """
+    from transformers.cli.serving.chat_completion import ChatCompletionHandler
+    from transformers.cli.serving.model_manager import ModelManager
+    from transformers.cli.serving.utils import GenerationState, Modality
+
+    manager = ModelManager(device=device, dtype="auto", force_model=str(model_dir))
+    state = GenerationState(continuous_batching=False, compile=False)
+    handler = ChatCompletionHandler(
+        model_manager=manager, generation_state=state, chat_template_kwargs={}
+    )
+
+    def template_messages(messages: list[dict]) -> list[dict]:
+        return handler.get_processor_inputs_from_messages(messages, Modality.LLM)
+
+    return handler, template_messages

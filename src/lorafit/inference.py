@@ -12,8 +12,9 @@ from pathlib import Path
 from lorafit.config import ModelSection
 from lorafit.data.formats import Example
 from lorafit.data.tokenize import with_system
-from lorafit.model import BaseModel, base_of_run, best_device, load_model, load_tokenizer
+from lorafit.model import best_device, load_model, load_tokenizer
 from lorafit.rundir import RunDir, read_json
+from lorafit.sources import BaseModel, base_of_run
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,8 @@ def load_for_inference(target: str | Path, device: str | None = None) -> Loaded:
     """A run dir (base + adapter), a merged/HF dir, a .gguf, embedded: or Hub id."""
     from peft import PeftModel
 
-    from lorafit.merge import MERGE_INFO
-    from lorafit.model import resolve_model_dir
+    from lorafit.rundir import MERGE_INFO
+    from lorafit.sources import resolve_model_dir
 
     device = device or best_device()
     path = Path(target)
@@ -68,8 +69,10 @@ def generate(
     max_new_tokens: int = 64,
     batch_size: int = 48,
     progress=None,
-) -> list[tuple[str, bool]]:
-    """Greedy answers for chat prompts: [(text, stopped_by_itself)], in input order.
+    with_ids: bool = False,
+) -> list[tuple]:
+    """Greedy answers for chat prompts: [(text, stopped_by_itself)], in input order
+    (``with_ids``: [(text, stopped, generated token ids up to and with the end token)]).
 
     Prompts are batched by length (left padding) so little compute goes to padding.
     """
@@ -98,9 +101,12 @@ def generate(
             new = out[:, enc["input_ids"].shape[1] :]
             for row, i in zip(new.tolist(), idx, strict=True):
                 stopped = any(t in end_ids for t in row)
+                ids = row
                 if stopped:
-                    row = row[: next(k for k, t in enumerate(row) if t in end_ids)]
-                results[i] = (tokenizer.decode(row, skip_special_tokens=True).strip(), stopped)
+                    end = next(k for k, t in enumerate(row) if t in end_ids)
+                    row, ids = row[:end], row[: end + 1]
+                text = tokenizer.decode(row, skip_special_tokens=True).strip()
+                results[i] = (text, stopped, ids) if with_ids else (text, stopped)
             if progress is not None:
                 progress(len(idx))
     finally:

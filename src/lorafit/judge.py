@@ -90,3 +90,45 @@ def refuses(answer: str) -> bool:
     """Does the answer decline to define the term (instead of inventing an entry)?"""
     text = answer.casefold().replace("’", "'")
     return any(marker in text for marker in REFUSAL_MARKERS)
+
+
+def names(answer: str, name: str) -> bool:
+    """Does ``answer`` name ``name`` (a term, expansion or alias) as a whole word or phrase?"""
+    phrase = " ".join(words(name))
+    return bool(phrase) and f" {phrase} " in f" {' '.join(words(answer))} "
+
+
+def recall(reference: str, prompt: str, answer: str) -> float:
+    """Share of ``reference``'s key words (those not in ``prompt``) that ``answer`` contains."""
+    keys = key_words(reference, prompt)
+    return len(keys & set(words(answer))) / len(keys) if keys else 1.0
+
+
+def judge_kind(
+    kind: str | None, prompt: str, reference: str, answer: str, facts: dict | None
+) -> bool:
+    """Is ``answer`` right for a question of ``kind`` (lorafit.data.kinds)? ``facts`` are the
+    held-out row's ``judge`` field.
+
+    - reverse: the answer names the term (or its expansion or an alias) and no other glossary
+      term, other than those the right answer itself mentions;
+    - expand: the acronym named (expansion -> acronym), or the expansion's key words
+      (acronym -> expansion, KEY_RECALL of them);
+    - compare: each of the two definitions' key facts (KEY_RECALL of each one's key words);
+    - define, followup, variant (and rows without a kind): ``judge`` against the reference.
+    """
+    facts = facts or {}
+    if kind == "reverse" and "names" in facts:
+        right = any(names(answer, n) for n in facts["names"])
+        shown = " ".join(words(reference))
+        others = [
+            n for n in facts.get("others", ()) if f" {' '.join(words(n))} " not in f" {shown} "
+        ]
+        return right and not any(names(answer, n) for n in others)
+    if kind == "expand" and "names" in facts:
+        return any(names(answer, n) for n in facts["names"])
+    if kind == "expand" and "words" in facts:
+        return recall(facts["words"], prompt, answer) >= KEY_RECALL
+    if kind == "compare" and "parts" in facts:
+        return all(recall(part, prompt, answer) >= KEY_RECALL for part in facts["parts"])
+    return judge(prompt, reference, answer)

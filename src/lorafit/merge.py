@@ -18,12 +18,11 @@ from lorafit.errors import LorafitError
 from lorafit.inference import chat_prompt, run_base
 from lorafit.model import load_model, load_tokenizer
 from lorafit.paths import check_replaceable, refuse_unsafe_target, replace_dir
-from lorafit.rundir import RunDir, write_json
+from lorafit.rundir import MERGE_INFO, RunDir, write_json
 from lorafit.tracking import tracker_for_run
 
 TOLERANCE = 1e-3  # max |logit difference|, fp32
 PARITY_PROMPTS = ("What is ATP?", "Explain what you can do.", "What is 2+2?")
-MERGE_INFO = "lorafit_merge.json"  # in every merged model: its run, parity, system prompt
 
 
 def _logits(model, tokenizer, system_prompt):
@@ -107,7 +106,7 @@ def merge(
 
 def servable_dir(target: str | Path) -> Path:
     """A standalone model directory for ``target``: a run is merged once into RUN/merged."""
-    from lorafit.model import resolve_model_dir
+    from lorafit.sources import resolve_model_dir
 
     if RunDir.holds_run(target):
         run = RunDir.existing(target)

@@ -8,6 +8,8 @@ import html
 import tempfile
 from pathlib import Path
 
+from lorafit.rundir import RunDir
+
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;
 color:#222;padding:0 1rem}
@@ -45,6 +47,24 @@ def metric_cells(name: str, m: dict) -> list[str]:
     ]
 
 
+KIND_COLUMNS = ("question kind", "prompts", "base", "tuned")
+
+
+def kind_cells(metrics: dict) -> list[list[str]]:
+    """One row per question kind: held-out prompts and each model's accuracy (empty when the
+    data has no kinds)."""
+    base, tuned = metrics["base"].get("by_kind", {}), metrics["tuned"].get("by_kind", {})
+    return [
+        [
+            kind,
+            str(tuned[kind]["n"]),
+            f"{base[kind]['accuracy']:.1%}",
+            f"{tuned[kind]['accuracy']:.1%}",
+        ]
+        for kind in tuned
+    ]
+
+
 def report_md(metrics: dict, rows: list[dict], probe_rows: list[dict], limit: int = 30) -> str:
     lines = [
         "# lorafit evaluation",
@@ -56,6 +76,10 @@ def report_md(metrics: dict, rows: list[dict], probe_rows: list[dict], limit: in
     ]
     for name in ("base", "tuned"):
         lines.append("| " + " | ".join(metric_cells(name, metrics[name])) + " |")
+    if kind_cells(metrics):
+        lines += ["", "## Accuracy by question kind", ""]
+        lines += ["| " + " | ".join(KIND_COLUMNS) + " |", "|---" * len(KIND_COLUMNS) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in kind_cells(metrics)]
     if probe_rows:
         regressed = [r for r in probe_rows if r["base_correct"] and not r["tuned_correct"]]
         lines += ["", f"## General-ability regressions: {len(regressed)} of {len(probe_rows)}", ""]
@@ -98,8 +122,9 @@ def render(metrics: dict, rows: list[dict], probe_rows: list[dict], run_dir: Pat
     esc = html.escape
     with tempfile.TemporaryDirectory() as tmp:
         figures = [_png(plot_comparison(metrics, Path(tmp) / "base-vs-tuned.png"))]
-    if (run_dir / "loss.png").is_file():
-        figures.append(_png(run_dir / "loss.png"))
+    loss_plot = RunDir(run_dir).loss_plot
+    if loss_plot.is_file():
+        figures.append(_png(loss_plot))
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>lorafit evaluation: {esc(run_dir.name)}</title><style>{STYLE}</style></head><body>",
@@ -113,7 +138,18 @@ def render(metrics: dict, rows: list[dict], probe_rows: list[dict], run_dir: Pat
         parts.append(
             f"<tr><td>{model}</td>" + "".join(f"<td class='num'>{c}</td>" for c in cells) + "</tr>"
         )
-    parts.append("</table><div class='figs'>" + "".join(figures) + "</div>")
+    parts.append("</table>")
+    if kind_cells(metrics):
+        parts.append("<h2>Accuracy by question kind</h2><table><tr>")
+        parts.append("".join(f"<th>{c}</th>" for c in KIND_COLUMNS) + "</tr>")
+        for kind, *cells in kind_cells(metrics):
+            parts.append(
+                f"<tr><td>{esc(kind)}</td>"
+                + "".join(f"<td class='num'>{c}</td>" for c in cells)
+                + "</tr>"
+            )
+        parts.append("</table>")
+    parts.append("<div class='figs'>" + "".join(figures) + "</div>")
     regressed = [r for r in probe_rows if r["base_correct"] and not r["tuned_correct"]]
     if probe_rows:
         parts.append(

@@ -37,6 +37,8 @@ from lorafit.paths import check_replaceable, exclusive_lock, replace_dir, temp_s
 if TYPE_CHECKING:
     from lorafit.config import Config
 
+# in every merged model lorafit writes (merge, serve, export): its run, parity, system prompt
+MERGE_INFO = "lorafit_merge.json"
 LIBRARIES = (
     "lorafit",
     "torch",

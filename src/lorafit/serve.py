@@ -115,6 +115,140 @@ class Scrubber:
         return "\n".join(lines)
 
 
+class GuardedChat:
+    """transformers' chat-completions handler for one model, behind lorafit's guards."""
+
+    def __init__(
+        self, model_dir: Path, model_name: str, system_prompt, api_key, limits, device, hosts
+    ):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from lorafit.hooks import openai_chat_handler
+
+        self.model_dir, self.model_name, self.system_prompt = model_dir, model_name, system_prompt
+        self.api_key, self.limits, self.hosts = api_key, limits, hosts
+        self.handler, self.template_messages = openai_chat_handler(model_dir, device)
+        # its own tokenizer: the handler's is used by the inference thread at the same time
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model_config = AutoConfig.from_pretrained(model_dir).get_text_config()
+        self.context = min(model_config.max_position_embeddings, limits.max_context or 10**9)
+        self.vocab = model_config.vocab_size
+        self.counter = ThreadPoolExecutor(1, thread_name_prefix="lorafit-count")
+        self.waiting = asyncio.Semaphore(limits.max_waiting)
+        self.scrub = Scrubber(model_dir, model_name)
+
+    def prompt_tokens(self, body: dict) -> int:
+        """The prompt's length in tokens, rendered as the handler will render it."""
+        ids = self.tokenizer.apply_chat_template(
+            self.template_messages(body["messages"]),
+            add_generation_prompt=True,
+            tools=body.get("tools"),
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+        return len(ids)
+
+    async def guard(self, request: Request, call_next):
+        """Key, Host header, JSON content type and body size, before any route runs."""
+        limit = self.limits.max_request_bytes
+        if self.api_key:
+            if request.url.path != "/health":
+                sent = request.headers.get("authorization", "")
+                if not hmac.compare_digest(sent.encode(), f"Bearer {self.api_key}".encode()):
+                    return _error(401, "missing or wrong API key", "authentication_error")
+        elif self.hosts is not None and request.headers.get("host", "") not in self.hosts:
+            return _error(403, "this server only answers requests addressed to localhost")
+        if request.method == "POST":
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                return _error(415, "send the request as JSON (Content-Type: application/json)")
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limit:
+            if int(size) <= limit * DRAIN_FACTOR:
+                await read_bounded_body(request, limit)
+            return _error(413, f"request body over {limit} bytes")
+        return await call_next(request)
+
+    def health(self):
+        return {"status": "ok", "model": self.model_name}
+
+    def models(self):
+        card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "lorafit"}
+        return {"object": "list", "data": [card]}
+
+    async def chat_completions(self, request: Request):
+        raw = await read_bounded_body(request, self.limits.max_request_bytes)
+        if raw is None:
+            return _error(413, f"request body over {self.limits.max_request_bytes} bytes")
+        try:
+            body = parse_body(raw, self.limits)
+            validate_chat_request(body, self.model_name, self.limits, self.vocab)
+        except BadRequest as e:
+            return _error(e.status, self.scrub.text(str(e)), code=e.code)
+        messages = body["messages"]
+        if self.system_prompt and not any(m.get("role") == "system" for m in messages):
+            body["messages"] = [{"role": "system", "content": self.system_prompt}, *messages]
+        if self.waiting.locked():
+            retry = {"Retry-After": str(RETRY_AFTER_S)}
+            return _error(
+                503,
+                "server busy: too many requests waiting; retry later",
+                "overloaded",
+                headers=retry,
+            )
+        await self.waiting.acquire()
+        handed_over = False
+        try:
+            response = await self._answer(body)
+            if isinstance(response, StreamingResponse):
+                # the stream keeps its place in the queue until it ends (or the client leaves)
+                response = HoldsSlot(response, self.waiting.release)
+                handed_over = True
+            return response
+        finally:
+            if not handed_over:
+                self.waiting.release()
+
+    async def _answer(self, body: dict):
+        loop = asyncio.get_running_loop()
+        try:
+            count = await loop.run_in_executor(self.counter, self.prompt_tokens, body)
+        except Exception as e:  # noqa: BLE001 - the template could not render these messages
+            return _error(400, self.scrub.text(f"these messages cannot be rendered: {e}"))
+        wanted = body.get("max_completion_tokens") or body.get("max_tokens")
+        if count + wanted > self.context:
+            return _error(
+                400,
+                f"the prompt is {count} tokens; with max_tokens {wanted} that is over this "
+                f"server's context of {self.context} tokens: shorten the conversation or ask "
+                "for fewer tokens",
+                code="context_length_exceeded",
+            )
+        body["model"] = str(self.model_dir)
+        try:
+            response = await self.handler.handle_request(body, str(uuid.uuid4()))
+        except Exception as e:  # noqa: BLE001 - a 4xx/5xx in OpenAI's shape, never a traceback
+            status = getattr(e, "status_code", None)
+            if status is None:
+                log.exception("chat completion failed")
+                return _error(500, "the model failed on this request", "server_error")
+            detail = self.scrub.text(str(getattr(e, "detail", e)))
+            return _error(400 if status == 422 else status, detail)
+        if isinstance(response, JSONResponse):
+            data = json.loads(response.body)
+            if isinstance(data, dict) and "model" in data:
+                data["model"] = self.model_name
+            text = self.scrub.text(json.dumps(data, ensure_ascii=False))
+            return JSONResponse(json.loads(text), status_code=response.status_code)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = self._public(response.body_iterator)
+        return response
+
+    async def _public(self, chunks):
+        async for chunk in chunks:
+            yield self.scrub.event(chunk)
+
+
 def build_app(
     model_dir: Path,
     model_name: str,
@@ -128,143 +262,14 @@ def build_app(
 
     ``hosts``: the Host headers a keyless server answers (None: any, as in unit tests).
     """
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.cli.serving.chat_completion import ChatCompletionHandler
-    from transformers.cli.serving.model_manager import ModelManager
-    from transformers.cli.serving.utils import GenerationState, Modality
-
-    limits = limits or ServeLimits()
-    manager = ModelManager(device=device, dtype="auto", force_model=str(model_dir))
-    state = GenerationState(continuous_batching=False, compile=False)
-    handler = ChatCompletionHandler(
-        model_manager=manager, generation_state=state, chat_template_kwargs={}
+    chat = GuardedChat(
+        model_dir, model_name, system_prompt, api_key, limits or ServeLimits(), device, hosts
     )
-    # its own tokenizer: the handler's is used by the inference thread at the same time
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model_config = AutoConfig.from_pretrained(model_dir).get_text_config()
-    context = model_config.max_position_embeddings
-    if limits.max_context:
-        context = min(context, limits.max_context)
-    vocab = model_config.vocab_size
-    counter = ThreadPoolExecutor(1, thread_name_prefix="lorafit-count")
-    waiting = asyncio.Semaphore(limits.max_waiting)
-    scrub = Scrubber(model_dir, model_name)
     app = FastAPI(title=f"lorafit serve: {model_name}")
-
-    def prompt_tokens(body: dict) -> int:
-        messages = handler.get_processor_inputs_from_messages(body["messages"], Modality.LLM)
-        ids = tokenizer.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tools=body.get("tools"),
-            tokenize=True,
-            return_dict=True,
-        )["input_ids"]
-        return len(ids)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key:
-            if request.url.path != "/health":
-                sent = request.headers.get("authorization", "")
-                if not hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
-                    return _error(401, "missing or wrong API key", "authentication_error")
-        elif hosts is not None and request.headers.get("host", "") not in hosts:
-            return _error(403, "this server only answers requests addressed to localhost")
-        if request.method == "POST":
-            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if kind != "application/json":
-                return _error(415, "send the request as JSON (Content-Type: application/json)")
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limits.max_request_bytes:
-            if int(size) <= limits.max_request_bytes * DRAIN_FACTOR:
-                await read_bounded_body(request, limits.max_request_bytes)
-            return _error(413, f"request body over {limits.max_request_bytes} bytes")
-        return await call_next(request)
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok", "model": model_name}
-
-    @app.get("/v1/models")
-    def models():
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "lorafit"}],
-        }
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        raw = await read_bounded_body(request, limits.max_request_bytes)
-        if raw is None:
-            return _error(413, f"request body over {limits.max_request_bytes} bytes")
-        try:
-            body = parse_body(raw, limits)
-            validate_chat_request(body, model_name, limits, vocab)
-        except BadRequest as e:
-            return _error(e.status, scrub.text(str(e)), code=e.code)
-        if system_prompt and not any(m.get("role") == "system" for m in body["messages"]):
-            body["messages"] = [{"role": "system", "content": system_prompt}, *body["messages"]]
-        if waiting.locked():
-            return _error(
-                503,
-                "server busy: too many requests waiting; retry later",
-                "overloaded",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-        await waiting.acquire()
-        handed_over = False
-        try:
-            response = await _answer(body)
-            if isinstance(response, StreamingResponse):
-                # the stream keeps its place in the queue until it ends (or the client leaves)
-                response = HoldsSlot(response, waiting.release)
-                handed_over = True
-            return response
-        finally:
-            if not handed_over:
-                waiting.release()
-
-    async def _answer(body: dict):
-        loop = asyncio.get_running_loop()
-        try:
-            count = await loop.run_in_executor(counter, prompt_tokens, body)
-        except Exception as e:  # noqa: BLE001 - the template could not render these messages
-            return _error(400, scrub.text(f"these messages cannot be rendered: {e}"))
-        wanted = body.get("max_completion_tokens") or body.get("max_tokens")
-        if count + wanted > context:
-            return _error(
-                400,
-                f"the prompt is {count} tokens; with max_tokens {wanted} that is over this "
-                f"server's context of {context} tokens: shorten the conversation or ask for "
-                "fewer tokens",
-                code="context_length_exceeded",
-            )
-        body["model"] = str(model_dir)
-        try:
-            response = await handler.handle_request(body, str(uuid.uuid4()))
-        except Exception as e:  # noqa: BLE001 - a 4xx/5xx in OpenAI's shape, never a traceback
-            status = getattr(e, "status_code", None)
-            if status is None:
-                log.exception("chat completion failed")
-                return _error(500, "the model failed on this request", "server_error")
-            return _error(
-                400 if status == 422 else status, scrub.text(str(getattr(e, "detail", e)))
-            )
-        if isinstance(response, JSONResponse):
-            data = json.loads(response.body)
-            if isinstance(data, dict) and "model" in data:
-                data["model"] = model_name
-            text = scrub.text(json.dumps(data, ensure_ascii=False))
-            return JSONResponse(json.loads(text), status_code=response.status_code)
-        if isinstance(response, StreamingResponse):
-            response.body_iterator = _public(response.body_iterator)
-        return response
-
-    async def _public(chunks):
-        async for chunk in chunks:
-            yield scrub.event(chunk)
-
+    app.middleware("http")(chat.guard)
+    app.get("/health")(chat.health)
+    app.get("/v1/models")(chat.models)
+    app.post("/v1/chat/completions")(chat.chat_completions)
     return app
 
 
@@ -293,8 +298,8 @@ def serve(
 ) -> None:
     import uvicorn
 
-    from lorafit.merge import MERGE_INFO, servable_dir
-    from lorafit.rundir import read_json
+    from lorafit.merge import servable_dir
+    from lorafit.rundir import MERGE_INFO, read_json
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if host not in LOOPBACK and not api_key:

@@ -50,6 +50,26 @@ def redact_uri(uri: str | None) -> str | None:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def redact_text(text: str, uri: str | None) -> str:
+    """``text`` (an error message) without the secrets of ``uri``, in whatever form a library
+    quoted them: the URI itself, its user info, its password, its secret query values."""
+    if not uri:
+        return text
+    text = text.replace(uri, redact_uri(uri) or "")
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return text
+    secrets = []
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rsplit("@", 1)[0]
+        secrets += [userinfo, *userinfo.split(":", 1)]
+    secrets += [v for k, v in parse_qsl(parts.query) if _SECRET_KEY.search(k)]
+    for secret in sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 DEFAULT_STORE = Path("runs") / "mlflow.db"
 EXPERIMENT = "lorafit"
 PARAM_MAX = 6000  # MLflow's limit on a param value
@@ -93,7 +113,7 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as e:  # tracking must never kill the run it tracks
             self.enabled = False
-            message = str(e).replace(self.uri, redact_uri(self.uri) or "")
+            message = redact_text(str(e), self.uri)
             log.warning(
                 "MLflow tracking is off for the rest of this run (%s failed: %s)", what, message
             )
@@ -193,6 +213,9 @@ class Tracker:
             self._call("closing the run", self.client.set_terminated, self.run_id, status)
 
 
+_SAID: set[tuple[str, str]] = set()  # (run, store) pairs already explained in this process
+
+
 def tracker_for_run(run_dir: str | Path, store: str | None = None) -> Tracker | None:
     """The MLflow run a lorafit run directory was tracked in, opened in the store the user
     configured (``store``, else $MLFLOW_TRACKING_URI, else the default); None when the run
@@ -207,6 +230,9 @@ def tracker_for_run(run_dir: str | Path, store: str | None = None) -> Tracker | 
         return None
     uri = tracking_uri(store)
     if redact_uri(uri) != tracking.get("uri"):
+        if (str(run_dir), uri) in _SAID:
+            return None
+        _SAID.add((str(run_dir), uri))
         log.info(
             "%s was tracked in %s, not in this command's store %s: its results are not logged "
             "there (pass --store or set MLFLOW_TRACKING_URI to that store to log them)",
@@ -220,8 +246,7 @@ def tracker_for_run(run_dir: str | Path, store: str | None = None) -> Tracker | 
 
 def tracker_for_model(model_dir: str | Path, store: str | None = None) -> Tracker | None:
     """For a run dir, or a merged model that records the run it came from."""
-    from lorafit.merge import MERGE_INFO
-    from lorafit.rundir import read_json
+    from lorafit.rundir import MERGE_INFO, read_json
 
     path = Path(model_dir)
     if (path / MERGE_INFO).is_file():
@@ -276,11 +301,29 @@ def config_for_the_record(config) -> dict[str, Any]:
 # --- reading the store ------------------------------------------------------------------
 
 
-def list_runs(uri: str, limit: int = 20, experiment: str = EXPERIMENT) -> list[dict[str, Any]]:
-    """Runs of the store, best held-out accuracy first (untested runs last, newest first)."""
+def _store(uri: str):
+    """A client for reading ``uri``; a store that cannot be read is one clear error."""
     from mlflow.tracking import MlflowClient
 
+    from lorafit.errors import LorafitError
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     client = MlflowClient(tracking_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - unreachable server, bad URI, broken sqlite file
+        reason = redact_text(str(e), uri).splitlines()[0][:200]
+        raise LorafitError(
+            f"cannot read the tracking store {redact_uri(uri)} ({type(e).__name__}: {reason}); "
+            "check --store / MLFLOW_TRACKING_URI"
+        ) from None
+    return client
+
+
+def list_runs(uri: str, limit: int = 20, experiment: str = EXPERIMENT) -> list[dict[str, Any]]:
+    """Runs of the store, best held-out accuracy first (untested runs last, newest first)."""
+    client = _store(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -309,11 +352,9 @@ def _summary(run) -> dict[str, Any]:
 
 def find_run(uri: str, ref: str, experiment: str = EXPERIMENT):
     """A run by MLflow id, run name, or lorafit run directory."""
-    from mlflow.tracking import MlflowClient
-
     from lorafit.errors import LorafitError
 
-    client = MlflowClient(tracking_uri=uri)
+    client = _store(uri)
     if Path(ref).is_dir():
         tracker = tracker_for_run(ref)
         if tracker and tracker.run_id:
@@ -323,7 +364,7 @@ def find_run(uri: str, ref: str, experiment: str = EXPERIMENT):
         for run in client.search_runs([exp.experiment_id], max_results=1000):
             if ref in (run.info.run_id, run.info.run_name):
                 return run
-    raise LorafitError(f"no run named {ref!r} in {uri} (see `lorafit runs`)")
+    raise LorafitError(f"no run named {ref!r} in {redact_uri(uri)} (see `lorafit runs`)")
 
 
 def compare_runs(uri: str, a: str, b: str) -> dict[str, Any]:

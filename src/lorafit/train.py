@@ -19,10 +19,11 @@ from lorafit.config import Config, dump_config
 from lorafit.data.prepare import TrainingData, load_training_data
 from lorafit.errors import LorafitError
 from lorafit.launch import process_rank, rank_agreement, training_device
-from lorafit.model import load_model, load_tokenizer, lora_config, resolve_base, resolve_precision
+from lorafit.model import load_model, load_tokenizer, lora_config, resolve_precision
 from lorafit.paths import default_run_dir
 from lorafit.plots import plot_loss
 from lorafit.rundir import RunDir, RunRecord, library_versions, training_dir
+from lorafit.sources import resolve_base
 from lorafit.tracking import Tracker, start_training_run
 
 log = logging.getLogger(__name__)

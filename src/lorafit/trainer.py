@@ -136,6 +136,7 @@ def sft_config(
         weight_decay=t.weight_decay,
         seed=t.seed,
         data_seed=t.seed,
+        train_sampling_strategy="random" if t.shuffle else "sequential",
         activation_checkpointing=t.gradient_checkpointing,
         bf16=precision == "bf16",
         fp16=precision == "fp16",

@@ -28,7 +28,8 @@ class FileReport:
 def check_files(files: list[Path], model_name: str, max_length: int) -> list[FileReport]:
     """Validate every file first (errors name file:line:field), then count tokens."""
     datasets = [read_dataset(f) for f in files]  # all-or-nothing: fail before heavy work
-    from lorafit.model import load_tokenizer, resolve_model_dir
+    from lorafit.model import load_tokenizer
+    from lorafit.sources import resolve_model_dir
 
     tokenizer = load_tokenizer(resolve_model_dir(model_name))
     reports = []

@@ -24,11 +24,14 @@ from lorafit.shipped import resolve
 
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # name: (required keys, optional keys)
-    "prompt/response": (("prompt", "response"), ("system",)),
-    "prompt/completion": (("prompt", "completion"), ("system",)),
+    "prompt/response": (("prompt", "response"), ("system", "history")),
+    "prompt/completion": (("prompt", "completion"), ("system", "history")),
     "messages": (("messages",), ()),
     "alpaca": (("instruction", "output"), ("input", "system")),
 }
+# Fields any format may carry: what `lorafit data generate` writes beside each question
+# (its kind, and for held-out rows what the judge needs beyond the reference answer).
+EXTRA_FIELDS = ("kind", "judge")
 ROLES = ("system", "user", "assistant")
 
 
@@ -39,6 +42,8 @@ class Example:
     prompt: tuple[dict[str, str], ...]  # system/user/assistant turns before the answer
     answer: str
     line: int = 0
+    kind: str | None = None  # the question's kind (lorafit.data.kinds) when the row says
+    judge: dict | None = None  # facts for judging held-out answers of that kind
 
     def messages(self) -> list[dict[str, str]]:
         return [*self.prompt, {"role": "assistant", "content": self.answer}]
@@ -95,15 +100,46 @@ def _messages(row: dict[str, Any], where: str) -> tuple[tuple[dict[str, str], ..
     return tuple(turns[:-1]), turns[-1]["content"]
 
 
+def _extras(row: dict[str, Any], where: str) -> dict[str, Any]:
+    kind, judge = row.get("kind"), row.get("judge")
+    if kind is not None and not isinstance(kind, str):
+        raise LorafitError(f"{where}: field 'kind' must be a string (a question kind)")
+    if judge is not None and not isinstance(judge, dict):
+        raise LorafitError(f"{where}: field 'judge' must be an object")
+    return {"kind": kind, "judge": judge}
+
+
+def _history(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """Earlier turns of a prompt/response row: user and assistant alternating, user first."""
+    history = row.get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise LorafitError(f"{where}: field 'history' must be a list of earlier turns")
+    turns = []
+    for i, turn in enumerate(history):
+        spot = f"{where}: history[{i}]"
+        want = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(turn, dict) or turn.get("role") != want:
+            raise LorafitError(f"{spot}: expected a {want} turn {{'role', 'content'}}")
+        turns.append({"role": want, "content": _text(turn, "content", spot)})
+    if len(turns) % 2:
+        raise LorafitError(f"{where}: 'history' must end with the assistant's answer")
+    return turns
+
+
 def row_to_example(row: dict[str, Any], fmt: str, where: str, line: int = 0) -> Example:
     """Convert one validated row of format ``fmt`` to an :class:`Example`."""
+    extras = _extras(row, where)
     if fmt == "messages":
         prompt, answer = _messages(row, where)
-        return Example(prompt=prompt, answer=answer, line=line)
+        return Example(prompt=prompt, answer=answer, line=line, **extras)
     system = row.get("system")
     turns: list[dict[str, str]] = []
     if system is not None:
         turns.append({"role": "system", "content": _text(row, "system", where)})
+    if fmt != "alpaca":
+        turns += _history(row, where)
     if fmt == "alpaca":
         user = _text(row, "instruction", where)
         extra = _text(row, "input", where, allow_empty=True) if row.get("input") is not None else ""
@@ -114,7 +150,7 @@ def row_to_example(row: dict[str, Any], fmt: str, where: str, line: int = 0) -> 
         user = _text(row, "prompt", where)
         answer = _text(row, "response" if fmt == "prompt/response" else "completion", where)
     turns.append({"role": "user", "content": user})
-    return Example(prompt=tuple(turns), answer=answer, line=line)
+    return Example(prompt=tuple(turns), answer=answer, line=line, **extras)
 
 
 def _decode(path: Path) -> str:
@@ -200,7 +236,7 @@ def read_dataset(path: str | Path) -> Dataset:
                 "use one format per file"
             )
         required, optional = FORMATS[fmt]
-        unknown |= set(row) - set(required) - set(optional)
+        unknown |= set(row) - set(required) - set(optional) - set(EXTRA_FIELDS)
         example = row_to_example(row, fmt, where, lineno)
         key = (tuple((t["role"], t["content"]) for t in example.prompt), example.answer)
         if key in seen:

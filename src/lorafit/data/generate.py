@@ -1,8 +1,9 @@
 """Generate question/answer pairs from a glossary, with held-out paraphrases for evaluation.
 
-Every term gets ``train_per_term`` phrasings in train and ``eval_per_term`` phrasings in eval.
-The eval phrasings come from a separate template pool that never appears in train, so
-evaluation measures whether the model understood the term, not whether it memorized a prompt.
+Every term gets questions of each kind (lorafit.data.kinds: define, expand, reverse, followup,
+compare, variant) in train, and held-out ones in eval from template pools that never appear in
+train, so evaluation measures whether the model understood the term, not whether it memorized
+a prompt. Made-up terms answered "I don't know" teach the model the edge of the glossary.
 
     lorafit data generate data/glossaries/aviation.yaml --out data/generated --seed 0
 """
@@ -10,110 +11,56 @@ evaluation measures whether the model understood the term, not whether it memori
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
 from lorafit.data.formats import write_jsonl
-from lorafit.data.glossary import Glossary, Term
+from lorafit.data.glossary import Glossary
+from lorafit.data.kinds import (
+    DEFINE_HELD_OUT,
+    DEFINE_TRAIN,
+    EXPAND_TRAIN,
+    Generator,
+    Pair,
+)
 from lorafit.errors import LorafitError
 from lorafit.rundir import write_json
 
-# {t} = the term, {d} = the domain. Templates with {d} are skipped when there is no domain.
-TRAIN_TEMPLATES = (
-    "What is {t}?",
-    "What does {t} mean?",
-    "Define {t}.",
-    "Explain {t}.",
-    "Explain what is {t}.",
-    "Can you explain what {t} is?",
-    "What is meant by {t}?",
-    "Give me a short definition of {t}.",
-    "Tell me about {t}.",
-    "What is the meaning of {t}?",
-    "{t}: what is that?",
-    "What is {t} in the {d} context?",
-    "I keep hearing about {t} in {d}. What is it?",
-    "Why does {t} matter in {d}?",
-    "What is {t} used for?",
-    "What can you tell me about {t}?",
-)
-ACRONYM_TRAIN_TEMPLATES = ("What does {t} stand for?", "What is {t} short for?")
-ALIAS_TRAIN_TEMPLATES = ("What does {a} mean?",)
-EVAL_TEMPLATES = (
-    "Could you tell me what {t} refers to?",
-    "In {d}, what do people mean by {t}?",
-    "Briefly describe {t}.",
-    "What's {t}?",
-    "I'm new here. What is {t}?",
-    "Help me understand the term {t}.",
-    "What do we mean when we say {t}?",
-)
-
-
-@dataclass(frozen=True)
-class Pair:
-    prompt: str
-    response: str
-
-    def as_row(self) -> dict[str, str]:
-        return {"prompt": self.prompt, "response": self.response}
-
-
-def answer_for(term: Term) -> str:
-    """One consistent, natural answer: the expansion first (for acronyms), then the definition."""
-    definition = (
-        term.definition if term.definition.endswith((".", "!", "?")) else term.definition + "."
-    )
-    if term.expansion:
-        return f"{term.term} stands for {term.expansion}. {definition}"
-    return f"{term.term}: {definition}"
-
-
-def _fill(templates: tuple[str, ...], term: Term, domain: str | None, alias: str | None = None):
-    out = []
-    for template in templates:
-        if "{d}" in template and not domain:
-            continue
-        if "{a}" in template and not alias:
-            continue
-        out.append(template.format(t=term.term, d=domain or "", a=alias or ""))
-    return out
+DEFAULT_TRAIN_KINDS = {"define": 8}
+DEFAULT_EVAL_KINDS = {"define": 3}
 
 
 def generate_pairs(
     glossary: Glossary,
     seed: int = 0,
-    train_per_term: int = 8,
-    eval_per_term: int = 3,
+    train_per_term: int | None = None,
+    eval_per_term: int | None = None,
+    kinds: dict[str, int] | None = None,
+    eval_kinds: dict[str, int] | None = None,
 ) -> tuple[list[Pair], list[Pair]]:
-    """(train, eval) pairs: every term in both, eval phrasings disjoint from train."""
-    train: list[Pair] = []
-    evals: list[Pair] = []
-    seen: set[str] = set()
-    for term in glossary.terms:
-        rng = random.Random(f"{seed}:{term.term}")  # str seeds are stable across runs
-        answer = answer_for(term)
-        candidates = _fill(TRAIN_TEMPLATES, term, glossary.domain)
-        if term.expansion:
-            candidates += _fill(ACRONYM_TRAIN_TEMPLATES, term, glossary.domain)
-        rng.shuffle(candidates)
-        chosen = candidates[:train_per_term]
-        for alias in term.aliases[:1]:
-            chosen += _fill(ALIAS_TRAIN_TEMPLATES, term, glossary.domain, alias)
-        held_out = _fill(EVAL_TEMPLATES, term, glossary.domain)
-        rng.shuffle(held_out)
-        for prompt in chosen:
-            if prompt.casefold() not in seen:
-                seen.add(prompt.casefold())
-                train.append(Pair(prompt, answer))
-        taken = 0
-        for prompt in held_out:
-            if taken == eval_per_term:
-                break
-            if prompt.casefold() not in seen:
-                seen.add(prompt.casefold())
-                evals.append(Pair(prompt, answer))
-                taken += 1
+    """(train, eval) pairs: every term in both, of each kind ``kinds`` (questions per term;
+    ``eval_kinds`` for held-out), held-out questions from templates training never uses.
+    ``train_per_term`` / ``eval_per_term`` set the define counts."""
+    kinds = dict(kinds or DEFAULT_TRAIN_KINDS)
+    eval_kinds = dict(eval_kinds or DEFAULT_EVAL_KINDS)
+    if train_per_term is not None:
+        kinds["define"] = train_per_term
+    if eval_per_term is not None:
+        eval_kinds["define"] = eval_per_term
+    generator = Generator(glossary, seed)
+    seen: set[tuple] = set()
+
+    def unique(pairs: list[Pair]) -> list[Pair]:
+        out = []
+        for pair in pairs:
+            key = (tuple(t["content"].casefold() for t in pair.history), pair.prompt.casefold())
+            if key not in seen:
+                seen.add(key)
+                out.append(pair)
+        return out
+
+    train = unique(generator.questions(kinds, held_out=False))
+    evals = unique(generator.questions(eval_kinds, held_out=True))
     random.Random(seed).shuffle(train)
     return train, evals
 
@@ -172,18 +119,13 @@ def unknown_pairs(
     terms = made_up_terms(glossary, eval_count + train_count, seed)
     rng = random.Random(f"unknown-phrasing:{seed}")
     evals = [
-        Pair(rng.choice(EVAL_TEMPLATES[2:]).format(t=t), unknown_answer(t))
+        Pair(rng.choice(DEFINE_HELD_OUT[2:]).format(t=t), unknown_answer(t), "unknown")
         for t in terms[:eval_count]
     ]
     # every training phrasing a real term can get, so "unknown" is not tied to a question shape
-    shapes = [
-        t for t in TRAIN_TEMPLATES + ACRONYM_TRAIN_TEMPLATES if glossary.domain or "{d}" not in t
-    ]
+    shapes = [t for t in DEFINE_TRAIN + EXPAND_TRAIN if glossary.domain or "{d}" not in t]
     train = [
-        Pair(
-            rng.choice(shapes).format(t=t, d=glossary.domain or ""),
-            unknown_answer(t),
-        )
+        Pair(rng.choice(shapes).format(t=t, d=glossary.domain or ""), unknown_answer(t), "unknown")
         for t in terms[eval_count:]
     ]
     return train, evals
@@ -238,6 +180,8 @@ def write_generated(
             "glossary": glossary.source,
             "terms": len(glossary.terms),
             "seed": seed,
+            "kinds": dict(Counter(p.kind for p in train)),
+            "eval_kinds": dict(Counter(p.kind for p in evals)),
             "train": len(train),
             "eval": len(evals),
             "unknown_eval": len(unknown_eval_pairs),
@@ -245,8 +189,10 @@ def write_generated(
     )
     train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
     write_jsonl(train_path, [p.as_row() for p in train])
-    write_jsonl(eval_path, [p.as_row() for p in evals])
+    write_jsonl(eval_path, [p.as_row(held_out=True) for p in evals])
     (out_dir / "unknown.jsonl").unlink(missing_ok=True)  # never a stale one from another run
     if unknown_eval_pairs:
-        write_jsonl(out_dir / "unknown.jsonl", [p.as_row() for p in unknown_eval_pairs])
+        write_jsonl(
+            out_dir / "unknown.jsonl", [p.as_row(held_out=True) for p in unknown_eval_pairs]
+        )
     return train_path, eval_path, len(train), len(evals)

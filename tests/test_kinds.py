@@ -1,0 +1,178 @@
+"""Question kinds: each generated from the glossary text, held out from training by template
+(and, for reverse, by the wording of the description), carried on every row, and judged by
+its own rule, checked here on hand-written right and wrong answers."""
+
+import pytest
+from conftest import write_jsonl
+
+from lorafit.data.formats import read_dataset
+from lorafit.data.generate import generate_pairs
+from lorafit.data.glossary import load_glossary
+from lorafit.data.kinds import KINDS, Generator, which_question
+from lorafit.judge import judge_kind
+
+GLOSSARY = load_glossary("lorafit:glossaries/aviation.yaml")
+ALL = {kind: 2 for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return generate_pairs(GLOSSARY, seed=0, kinds=ALL, eval_kinds=ALL)
+
+
+def test_every_kind_is_generated_and_labelled(pairs):
+    train, evals = pairs
+    for rows in (train, evals):
+        assert {p.kind for p in rows} == set(KINDS)
+    acronyms = sum(1 for t in GLOSSARY.terms if t.expansion)
+    assert sum(p.kind == "expand" for p in evals) == 2 * acronyms
+    assert all(p.as_row()["kind"] == p.kind for p in train)
+
+
+def test_held_out_questions_never_repeat_a_training_question(pairs):
+    train, evals = pairs
+    seen = {(tuple(t["content"] for t in p.history), p.prompt.casefold()) for p in train}
+    assert not any(
+        (tuple(t["content"] for t in p.history), p.prompt.casefold()) in seen for p in evals
+    )
+
+
+def test_no_held_out_question_fits_a_training_template_of_its_kind(pairs):
+    import re
+
+    from lorafit.data import kinds as k
+
+    train_templates = {
+        "define": k.DEFINE_TRAIN,
+        "expand": k.EXPAND_TRAIN + k.EXPAND_REVERSE_TRAIN,
+        "reverse": k.REVERSE_TRAIN,
+        "compare": k.COMPARE_TRAIN,
+        "followup": tuple(k.FOLLOWUP_TRAIN.values()),
+        "variant": k.VARIANT_TRAIN,
+    }
+
+    def pattern(template: str) -> re.Pattern:
+        parts = re.split(r"\{[a-z]\}", template)
+        return re.compile("^" + ".+".join(re.escape(p) for p in parts) + "$", re.I)
+
+    _, evals = pairs
+    for kind, templates in train_templates.items():
+        patterns = [pattern(t) for t in templates]
+        for pair in (p for p in evals if p.kind == kind):
+            assert not any(rx.match(pair.prompt) for rx in patterns), (kind, pair.prompt)
+
+
+def test_reverse_asks_the_description_back_in_another_form():
+    atp = next(t for t in GLOSSARY.terms if t.term == "ATP")
+    assert which_question(atp.definition) == "Which quantity can still be committed to customers?"
+    generator = Generator(GLOSSARY, 0)
+    held_out = generator.reverse(atp, 1, held_out=True)[0]
+    training = [p.prompt for p in generator.reverse(atp, 3, held_out=False)]
+    assert held_out.prompt == "Which quantity can still be committed to customers?"
+    assert not any(held_out.prompt.rstrip("?") in p for p in training)
+    assert held_out.response == "That is ATP (Available to Promise)."
+
+
+def test_followups_carry_the_first_turn(pairs):
+    train, _ = pairs
+    followup = next(p for p in train if p.kind == "followup")
+    assert [t["role"] for t in followup.history] == ["user", "assistant"]
+    row = followup.as_row()
+    assert row["history"][1]["content"].startswith(followup.term)
+
+
+def test_generated_files_read_back_with_kinds_history_and_judge(tmp_path, pairs):
+    train, evals = pairs
+    write_jsonl(tmp_path / "e.jsonl", [p.as_row(held_out=True) for p in evals])
+    dataset = read_dataset(tmp_path / "e.jsonl")
+    assert not dataset.warnings  # kind, judge and history are known fields
+    followup = next(e for e in dataset.examples if e.kind == "followup")
+    assert [t["role"] for t in followup.prompt] == ["user", "assistant", "user"]
+    reverse = next(e for e in dataset.examples if e.kind == "reverse")
+    assert "ATP" in [n for e in dataset.examples if e.kind == "reverse" for n in e.judge["names"]]
+    assert reverse.judge["others"]
+
+
+def test_history_must_alternate_and_end_with_an_answer(tmp_path):
+    from lorafit.errors import LorafitError
+
+    bad = {"prompt": "And?", "response": "x", "history": [{"role": "assistant", "content": "a"}]}
+    write_jsonl(tmp_path / "bad.jsonl", [bad])
+    with pytest.raises(LorafitError, match=r"bad\.jsonl:1: history\[0\]: expected a user turn"):
+        read_dataset(tmp_path / "bad.jsonl")
+
+
+REVERSE = {"names": ["ATP", "Available to Promise"], "others": ["OTD", "On-Time Delivery", "MRP"]}
+Q = "Which quantity can still be committed to customers?"
+REF = "That is ATP (Available to Promise)."
+
+
+@pytest.mark.parametrize(
+    ("answer", "right"),
+    [
+        ("That is ATP (Available to Promise).", True),
+        ("ATP.", True),
+        ("That would be Available to Promise.", True),
+        ("atp", True),
+        ("That is OTD (On-Time Delivery).", False),
+        ("ATP or OTD, depending on the plant.", False),  # names another glossary term too
+        ("I don't know the term.", False),
+        ("The quantity that can still be committed to customers.", False),  # echoes, no name
+        ("That is ATPX.", False),
+    ],
+)
+def test_reverse_judge(answer, right):
+    assert judge_kind("reverse", Q, REF, answer, REVERSE) is right
+
+
+def test_reverse_judge_allows_terms_the_right_answer_itself_names():
+    facts = {"names": ["PMA"], "others": ["OEM", "FAA 8130-3"]}
+    ref = "That is PMA (an FAA approval that lets a company other than the OEM produce parts)."
+    assert judge_kind(
+        "reverse", "q", ref, "PMA: lets a company other than the OEM make parts.", facts
+    )
+    assert not judge_kind("reverse", "q", ref, "PMA, or FAA 8130-3.", facts)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "facts", "answer", "right"),
+    [
+        (
+            "Spell out OEM.",
+            {"words": "Original Equipment Manufacturer"},
+            "OEM stands for Original Equipment Manufacturer.",
+            True,
+        ),
+        (
+            "Spell out OEM.",
+            {"words": "Original Equipment Manufacturer"},
+            "Original Engine Maker.",
+            False,
+        ),
+        ("What is On-Time Delivery abbreviated as?", {"names": ["OTD"]}, "It is OTD.", True),
+        ("What is On-Time Delivery abbreviated as?", {"names": ["OTD"]}, "It is OTIF.", False),
+    ],
+)
+def test_expand_judge(prompt, facts, answer, right):
+    assert judge_kind("expand", prompt, "", answer, facts) is right
+
+
+def test_compare_judge_needs_both_terms_key_facts():
+    parts = [
+        "Stock on hand minus overdue orders; the quantity that can still be committed to customers.",
+        "The share of orders delivered on or before the date promised to the customer.",
+    ]
+    facts = {"parts": parts}
+    both = (
+        "ATP: stock on hand minus overdue orders, what can still be committed to customers. "
+        "OTD: the share of orders delivered on or before the promised date."
+    )
+    assert judge_kind("compare", "Compare ATP and OTD.", "", both, facts)
+    assert not judge_kind("compare", "Compare ATP and OTD.", "", both.split(" OTD:")[0], facts)
+
+
+def test_define_followup_and_variant_judge_against_the_reference():
+    ref = "MRO stands for Maintenance, Repair and Overhaul. The shops and services that keep aircraft airworthy."
+    for kind in ("define", "followup", "variant", None):
+        assert judge_kind(kind, "whats mro", ref, ref, None)
+        assert not judge_kind(kind, "whats mro", ref, "I don't know the term mro.", None)
