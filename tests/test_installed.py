@@ -27,6 +27,10 @@ SHIPPED = (
     "lorafit/resources/probes/general.jsonl",
     "lorafit/resources/gguf-converter.txt",
     "lorafit/resources/model_configs/TinyLlama--TinyLlama-1.1B-Chat-v1.0.json",
+    "lorafit/resources/llama_cpp/answer.mjs",
+    "lorafit/resources/llama_cpp/package-lock.json",
+    "lorafit/resources/ui/templates/knowledge.html",
+    "lorafit/resources/ui/static/app.js",
 )
 
 

@@ -172,6 +172,63 @@ def data_generate(
     )
 
 
+@data_app.command("extract")
+def data_extract(
+    files: Annotated[
+        list[Path], typer.Argument(help="Documents: .xlsx, .csv, .docx, .pdf, .md, .txt.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="The glossary to write (.yaml).")],
+    domain: Annotated[str | None, typer.Option(help="The glossary's domain (optional).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+) -> None:
+    """Find term/definition pairs in documents and write a glossary to review.
+
+    Tables (header found below titles, in any column order) and "TERM - definition",
+    "TERM: definition", "Term (ACR) is ..." lines. Every term keeps its source; duplicates,
+    conflicting definitions and entries that look wrong are listed, never merged silently.
+    """
+    from lorafit.data.extract import extract, glossary_yaml
+
+    if out.suffix not in (".yaml", ".yml"):
+        raise LorafitError(f"--out {out}: write the glossary as a .yaml file")
+    if out.exists() and not overwrite:
+        raise LorafitError(f"{out}: already exists; choose another --out or pass --overwrite")
+    found = extract(files)  # every file read and checked before anything is written
+    if not found.terms:
+        raise LorafitError(
+            "no term/definition pairs found in "
+            + ", ".join(str(f) for f in files)
+            + "; see `lorafit data extract --help` for the layouts it reads"
+        )
+    from lorafit.rundir import temp_sibling_write
+
+    temp_sibling_write(out, glossary_yaml(found, domain))
+    table = Table(title=f"extracted into {escape(str(out))}")
+    for col in ("file", "terms"):
+        table.add_column(col)
+    for name, count in found.per_file.items():
+        table.add_row(escape(name), str(count))
+    console.print(table)
+    for where, columns in found.columns.items():
+        used = ", ".join(f"{k} = {escape(v)!s}" for k, v in columns.items())
+        console.print(f"[dim]{escape(where)}: columns {used}[/]")
+    for kept, other in found.conflicts:
+        console.print(
+            f"[yellow]conflict[/] {escape(kept.term)}: {escape(kept.source)} and "
+            f"{escape(other.source)} define it differently (the first is in the glossary; the "
+            "other is a comment at its top)"
+        )
+    for kept, again in found.duplicates:
+        console.print(f"[dim]duplicate[/] {escape(kept.term)}: also at {escape(again.source)}")
+    for where, why in found.skipped:
+        console.print(f"[yellow]skipped[/] {escape(where)}: {escape(why)}")
+    console.print(
+        f"{len(found.terms)} terms, {len(found.conflicts)} conflicts, {len(found.duplicates)} "
+        f"duplicates, {len(found.skipped)} skipped. Review {escape(str(out))}, then: lorafit "
+        f"data generate {escape(str(out))} --out data/generated"
+    )
+
+
 @data_app.command("check")
 def data_check(
     files: Annotated[list[Path], typer.Argument(help="Data files (JSONL / JSON).")],
@@ -710,6 +767,38 @@ def serve(
     limits = ServeLimits(max_tokens=max_tokens, max_context=max_context, max_waiting=max_waiting)
     console.print(f"serving {escape(model)} on http://{host}:{port}/v1 (Ctrl-C stops)")
     run_serve(model, host, port, api_key, limits, name)
+
+
+@app.command()
+def ui(
+    workspace: Annotated[
+        Path, typer.Option(help="Folder for glossaries, data and runs (the CLI's layout).")
+    ] = Path("."),
+    host: Annotated[
+        str, typer.Option(help="Address to bind; other than loopback needs a token.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 7860,
+    token: Annotated[
+        str | None,
+        typer.Option(help="Token the URL must carry (made up off loopback when not given)."),
+    ] = None,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the browser.")] = False,
+) -> None:
+    """The whole job in a local web app: glossary, plan, train, results, chat, ship, runs."""
+    import uvicorn
+
+    from lorafit.ui.app import ui_app
+
+    web, url = ui_app(workspace, host, port, token)
+    console.print(
+        f"lorafit ui: [bold]{escape(url)}[/]  (workspace {escape(str(workspace.resolve()))}; Ctrl-C stops)"
+    )
+    if open_browser:
+        import threading
+        import webbrowser
+
+        threading.Timer(1.5, webbrowser.open, [url]).start()
+    uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
 @runs_app.callback()

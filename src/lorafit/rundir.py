@@ -282,3 +282,12 @@ def training_dir(
         yield RunDir(work, target)
         if overwrite:
             replace_dir(staging, target)
+
+
+def temp_sibling_write(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -7,6 +7,7 @@
         definition: Stock on hand minus overdue orders; what can be committed to customers.
         aliases: [A.T.P.]                 # optional
         category: Supply chain            # optional
+        source: glossary.xlsx, sheet 1, row 4   # optional: where the entry came from
 
 CSV files use the columns term, expansion, definition, aliases (separated by ';'), category.
 """
@@ -25,7 +26,7 @@ import yaml
 from lorafit.errors import LorafitError
 from lorafit.shipped import resolve
 
-FIELDS = ("term", "expansion", "definition", "aliases", "category")
+FIELDS = ("term", "expansion", "definition", "aliases", "category", "source")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Term:
     expansion: str | None = None
     aliases: tuple[str, ...] = ()
     category: str | None = None
+    source: str | None = None  # where the entry came from (lorafit data extract writes it)
 
 
 @dataclass(frozen=True)
@@ -135,47 +137,78 @@ def _text_field(entry: dict[str, Any], name: str, where: str, required: bool) ->
     return " ".join(str(value).split())
 
 
+@dataclass(frozen=True)
+class Problem:
+    """What is wrong with one glossary entry (``index`` -1: with the file as a whole)."""
+
+    index: int
+    line: int | None
+    message: str  # names the file, line and field, and what to do
+
+
+def _term(entry: Any, index: int, path: Path, seen: dict[str, str]) -> Term:
+    if not isinstance(entry, dict):
+        raise LorafitError(f"{path}: terms[{index}]: expected a mapping with term/definition")
+    line = entry.get("__line__")
+    where = f"{path}:{line}" if line else f"{path}: terms[{index}]"
+    unknown = set(entry) - set(FIELDS) - {"__line__"}
+    if unknown:
+        raise LorafitError(
+            f"{where}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(FIELDS)}"
+        )
+    term = _text_field(entry, "term", where, required=True)
+    definition = _text_field(entry, "definition", where, required=True)
+    aliases_raw = entry.get("aliases") or []
+    if isinstance(aliases_raw, str):
+        aliases_raw = [aliases_raw]
+    if not isinstance(aliases_raw, list) or not all(isinstance(a, str) for a in aliases_raw):
+        raise LorafitError(f"{where}: field 'aliases' must be a list of text")
+    key = term.casefold()
+    if key in seen:
+        raise LorafitError(
+            f"{where}: term {term!r} is defined twice (first at {seen[key]}); "
+            "merge the two definitions into one entry"
+        )
+    seen[key] = where
+    return Term(
+        term=term,
+        definition=definition.rstrip(),
+        expansion=_text_field(entry, "expansion", where, required=False),
+        aliases=tuple(a.strip() for a in aliases_raw if a.strip()),
+        category=_text_field(entry, "category", where, required=False),
+        source=_text_field(entry, "source", where, required=False),
+    )
+
+
+def check_glossary(
+    path: str | Path, text: str | None = None
+) -> tuple[Glossary | None, list[Problem]]:
+    """Every problem of a glossary, one per entry (the first found in it), instead of stopping
+    at the first: what an editor shows next to each row. The glossary when there are none.
+    ``text``: the file's content, checked before it is written anywhere (``path`` names it)."""
+    path = resolve(path) if text is None else Path(path)
+    try:
+        domain, entries = _entries(path, _read_text(path) if text is None else text)
+    except LorafitError as e:
+        return None, [Problem(-1, None, str(e))]
+    if not entries:
+        return None, [Problem(-1, None, f"{path}: the glossary has no terms")]
+    terms, problems, seen = [], [], {}
+    for index, entry in enumerate(entries):
+        try:
+            terms.append(_term(entry, index, path, seen))
+        except LorafitError as e:
+            line = entry.get("__line__") if isinstance(entry, dict) else None
+            problems.append(Problem(index, line, str(e)))
+    if problems:
+        return None, problems
+    return Glossary(terms=tuple(terms), domain=domain, source=str(path)), []
+
+
 def load_glossary(path: str | Path) -> Glossary:
     """Load and validate a glossary; errors name the file, line and field."""
-    path = resolve(path)
-    domain, entries = _entries(path, _read_text(path))
-    if not entries:
-        raise LorafitError(f"{path}: the glossary has no terms")
-    terms: list[Term] = []
-    seen: dict[str, str] = {}
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise LorafitError(f"{path}: terms[{index}]: expected a mapping with term/definition")
-        line = entry.get("__line__")
-        where = f"{path}:{line}" if line else f"{path}: terms[{index}]"
-        unknown = set(entry) - set(FIELDS) - {"__line__"}
-        if unknown:
-            raise LorafitError(
-                f"{where}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(FIELDS)}"
-            )
-        term = _text_field(entry, "term", where, required=True)
-        definition = _text_field(entry, "definition", where, required=True)
-        expansion = _text_field(entry, "expansion", where, required=False)
-        category = _text_field(entry, "category", where, required=False)
-        aliases_raw = entry.get("aliases") or []
-        if isinstance(aliases_raw, str):
-            aliases_raw = [aliases_raw]
-        if not isinstance(aliases_raw, list) or not all(isinstance(a, str) for a in aliases_raw):
-            raise LorafitError(f"{where}: field 'aliases' must be a list of text")
-        key = term.casefold()
-        if key in seen:
-            raise LorafitError(
-                f"{where}: term {term!r} is defined twice (first at {seen[key]}); "
-                "merge the two definitions into one entry"
-            )
-        seen[key] = where
-        terms.append(
-            Term(
-                term=term,
-                definition=definition.rstrip(),
-                expansion=expansion,
-                aliases=tuple(a.strip() for a in aliases_raw if a.strip()),
-                category=category,
-            )
-        )
-    return Glossary(terms=tuple(terms), domain=domain, source=str(path))
+    glossary, problems = check_glossary(path)
+    if problems:
+        raise LorafitError(problems[0].message)
+    assert glossary is not None
+    return glossary

@@ -199,6 +199,42 @@ def clauses(definition: str) -> list[str]:
     return [_lower_first(p.strip()) for p in parts if len(p.split()) >= 3] or [_lower_first(text)]
 
 
+_BOUNDARY = frozenset(
+    [
+        "that",
+        "which",
+        "who",
+        "where",
+        "with",
+        "for",
+        "from",
+        "to",
+        "of",
+        "in",
+        "on",
+        "by",
+        "after",
+        "before",
+        "when",
+    ]
+)
+
+
+def opening(description: str) -> str | None:
+    """The description up to a natural break near its middle ("the share of customer order
+    lines shipped complete | from stock ..."), or None when it is too short to split."""
+    words = description.split()
+    cuts = [
+        i
+        for i in range(3, len(words) - 2)
+        if words[i].lower() in _BOUNDARY or words[i - 1].endswith(",")
+    ]
+    if len(words) < 8 or not cuts:
+        return None
+    cut = min(cuts, key=lambda i: abs(i - len(words) / 2))
+    return " ".join(words[:cut]).rstrip(",")
+
+
 def which_question(definition: str) -> str | None:
     """The definition asked back as a question, "the company that designs X" -> "Which company
     designs X?", from the last clause that has that shape (None when none has)."""
@@ -276,24 +312,35 @@ class Generator:
         return out
 
     def reverse(self, term: Term, count: int, held_out: bool) -> list[Pair]:
-        """Training describes the term with its whole definition and its first clause; a
-        held-out question asks the definition back in question form ("Which company designs
-        ...?") where it has that shape, else describes the term with its last clause (with a
-        held-out template)."""
+        """A held-out question asks the definition back in question form ("Which company
+        designs ...?") where it has that shape, else describes the term with its last clause
+        (or, for a one-clause definition, the whole of it) with a held-out template. Training
+        describes the term with its whole definition, its first clause, the halves of a
+        one-clause definition, and the last clause only where held-out questions do not use
+        it alone: never in the held-out wording."""
         parts = clauses(term.definition)
         whole = _lower_first(term.definition.rstrip(".!? "))
+        question = which_question(term.definition)
         rng = self.rng("reverse", held_out, term.term)
         templates = list(REVERSE_HELD_OUT if held_out else REVERSE_TRAIN)
         rng.shuffle(templates)
         if held_out:
-            question = which_question(term.definition)
             prompts = [question] if question else []
             prompts += [t.format(f=parts[-1]) for t in templates]
         else:
-            descriptions = [whole, parts[0]] if len(parts) > 1 else [whole]
-            prompts = [
-                t.format(f=descriptions[i % len(descriptions)]) for i, t in enumerate(templates)
+            descriptions = [whole]
+            if len(parts) > 1:
+                descriptions.append(parts[0])
+                if question:  # held out asks it inverted, so the clause itself may train
+                    descriptions.append(parts[-1])
+            elif opening(whole):
+                descriptions.append(opening(whole))
+            pairs = [
+                (d, t)
+                for i, t in enumerate(templates * 3)
+                for d in [descriptions[i % len(descriptions)]]
             ]
+            prompts = list(dict.fromkeys(t.format(f=d) for d, t in pairs))
         answer = f"That is {name_of(term)}."
         facts = {"names": self.names(term), "others": self.other_names(term)}
         return [Pair(p, answer, "reverse", term.term, judge=facts) for p in prompts[:count]]

@@ -1,0 +1,1 @@
+"""`lorafit ui`: the local web app (lorafit.ui.app)."""
