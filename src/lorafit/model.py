@@ -54,7 +54,11 @@ def quantization_config(cfg: ModelSection):
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
+        # fp32 offload only where accelerate may spread the model over GPU and CPU: with the
+        # whole model on the CPU (device_map {"": "cpu"}) transformers 5.24 would keep every
+        # layer "offloaded" in fp32, i.e. not quantize at all
+        offload = cfg.device_map == "auto"
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offload)
     if torch.cuda.is_available():
         compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:

@@ -291,11 +291,16 @@ def start_training_run(config, run, record, resume: bool) -> Tracker:
     return tracker
 
 
+def config_without_secrets(config):
+    """The config as written to a run directory (config.yaml) or MLflow: the tracking URI
+    without its credentials. A run directory gets copied and shared; ``--resume`` reads the
+    user's own config, so nothing needs them back from it."""
+    tracking = config.tracking.model_copy(update={"uri": redact_uri(config.tracking.uri)})
+    return config.model_copy(update={"tracking": tracking})
+
+
 def config_for_the_record(config) -> dict[str, Any]:
-    """The config as written to a run directory or MLflow: the tracking URI without secrets."""
-    data = config.model_dump(mode="json")
-    data["tracking"]["uri"] = redact_uri(data["tracking"]["uri"])
-    return data
+    return config_without_secrets(config).model_dump(mode="json")
 
 
 # --- reading the store ------------------------------------------------------------------
