@@ -186,3 +186,125 @@ def test_training_falls_back_when_the_shared_loss_differs(
     assert info["status"] == "completed" and info["results"]["shared_prefix"] == 0
     assert "training without sharing" in caplog.text
     assert len(calls) == 1  # only the check used it; the 3 training steps did not
+
+
+# -- replay distillation (data.replay_kl) ------------------------------------------------------
+
+
+def _kl_setup(tiny_model_dir, tokenizer, init_zero: bool):
+    """A LoRA model, a packed batch of QUESTIONS, and each row's base distributions taken
+    from the model before the adapter (what training does)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.data.prepare import base_distributions
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rows = []
+    for prompt, response in QUESTIONS:
+        example = Example(prompt=({"role": "user", "content": prompt},), answer=response)
+        rows.append(tokenize_example(tokenizer, example, 256, None)[0])
+    teachers = base_distributions(model, rows, k=16)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=init_zero)
+    return get_peft_model(model, config).train(), _packed(tokenizer, QUESTIONS), teachers
+
+
+def _kl_term(model, batch, teachers, shared: bool) -> float:
+    from lorafit.loss import Teacher
+
+    teacher = Teacher.for_batch(teachers, batch["input_ids"], batch["position_ids"], 1.0)
+    with torch.no_grad():
+        with_kl, _ = answer_only_loss(model, batch, shared_prefix=shared, teacher=teacher)
+        without, _ = answer_only_loss(model, batch, shared_prefix=shared)
+    return float(with_kl - without)
+
+
+def test_replay_kl_is_zero_for_the_base_model_and_grows_as_the_model_moves(
+    tiny_model_dir, tokenizer
+):
+    model, batch, teachers = _kl_setup(tiny_model_dir, tokenizer, init_zero=True)
+    from lorafit.loss import Teacher
+
+    teacher = Teacher.for_batch(teachers, batch["input_ids"], batch["position_ids"], 1.0)
+    answer_positions = int((batch["labels"] != IGNORE).sum())
+    assert int(teacher.mask.sum()) == answer_positions  # every answer token of every row
+    # a fresh adapter (B = 0) is the base model: nothing to distil
+    assert abs(_kl_term(model, batch, teachers, shared=False)) < 1e-4
+    moved, *_ = _kl_setup(tiny_model_dir, tokenizer, init_zero=False)
+    kl = _kl_term(moved, batch, teachers, shared=False)
+    assert kl > 1e-3
+    # the one-pass shared prefix keeps the same teacher positions
+    assert _kl_term(moved, batch, teachers, shared=True) == pytest.approx(kl, rel=1e-3)
+
+
+def test_replay_kl_pulls_the_model_back_towards_the_base(tiny_model_dir, tokenizer):
+    """A gradient step on the KL term alone lowers it: the term restores the base model's
+    distribution instead of only adding a constant."""
+    from lorafit.loss import Teacher
+
+    model, batch, teachers = _kl_setup(tiny_model_dir, tokenizer, init_zero=False)
+    before = _kl_term(model, batch, teachers, shared=False)
+    teacher = Teacher.for_batch(teachers, batch["input_ids"], batch["position_ids"], 1.0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(5):
+        optimizer.zero_grad()
+        with_kl, _ = answer_only_loss(model, batch, teacher=teacher)
+        plain, _ = answer_only_loss(model, batch)
+        (with_kl - plain).backward()
+        optimizer.step()
+    assert _kl_term(model, batch, teachers, shared=False) < 0.8 * before
+
+
+def test_a_row_without_a_teacher_gets_no_kl_term(tiny_model_dir, tokenizer):
+    from lorafit.loss import Teacher
+
+    model, batch, teachers = _kl_setup(tiny_model_dir, tokenizer, init_zero=False)
+    first = next(iter(teachers))
+    only_first = {first: teachers[first]}
+    teacher = Teacher.for_batch(only_first, batch["input_ids"], batch["position_ids"], 1.0)
+    assert int(teacher.mask.sum()) == len(teachers[first].positions)
+    assert not teacher.mask[0, len(first) :].any()
+    assert Teacher.for_batch({}, batch["input_ids"], batch["position_ids"], 1.0) is None
+
+
+def test_training_distils_the_replay_rows(tmp_path, tiny_model_dir, monkeypatch):
+    """With replay rows in the mix, the KL term reaches their answer positions in training
+    (the rows TRL hands the loss are the rows whose distributions were taken)."""
+    import lorafit.data.replay
+
+    def canned(model, tokenizer, model_dir, prompts_file, system_prompt, **kwargs):
+        return [
+            {"prompt": p, "response": r, "stopped": True}
+            for p, r in [("Name a colour.", "Blue."), ("Say hi.", "Hi there!")]
+        ]
+
+    monkeypatch.setattr(lorafit.data.replay, "base_answers", canned)
+    info = _train_tiny(tmp_path, tiny_model_dir, "kl", **{"data.replay": 0.5})
+    assert info["data"]["replay"]["kl_rows"] == 2
+    assert info["results"]["kl_positions"] > 0
+    off = _train_tiny(tmp_path, tiny_model_dir, "nokl", **{"data.replay": 0.5, "data.replay_kl": 0})
+    assert off["results"]["kl_positions"] == 0 and "kl_rows" not in off["data"]["replay"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_training_runs_the_loss_in_the_precision_asked(
+    tmp_path, tiny_model_dir, monkeypatch, precision
+):
+    """accelerate autocasts only the wrapped model's forward; lorafit's loss calls the inner
+    model, so the trainer must enter autocast itself (it once trained in fp32 while run.json
+    said bf16)."""
+    import lorafit.trainer
+
+    real, seen = lorafit.trainer.answer_only_loss, []
+
+    def recording(model, inputs, *args, **kwargs):
+        if model.training:
+            on = torch.is_autocast_enabled("cpu")
+            seen.append(torch.get_autocast_dtype("cpu") if on else torch.float32)
+        return real(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(lorafit.trainer, "answer_only_loss", recording)
+    info = _train_tiny(tmp_path, tiny_model_dir, precision, **{"train.precision": precision})
+    assert info["status"] == "completed" and len(seen) == 3
+    assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}

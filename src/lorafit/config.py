@@ -105,6 +105,13 @@ class DataSection(_Section):
         "model's own answers to the shipped general prompts), so the tuned model keeps its general "
         "abilities; 0 turns it off.",
     )
+    replay_kl: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a KL term that keeps the tuned model's next-token distributions "
+        "on replay answers close to the base model's (its top 64 tokens, stored at data "
+        "preparation); 0 trains on the replay answers' tokens only.",
+    )
     unknown_terms: int | None = Field(
         None,
         ge=0,

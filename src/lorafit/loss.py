@@ -49,12 +49,82 @@ def _causal_lm(model):
             return inner
 
 
-def _head_loss(lm, hidden, labels, num_items_in_batch) -> tuple[torch.Tensor, int]:
+@dataclass
+class Teacher:
+    """The base model's next-token distribution at some labelled positions of a packed batch
+    (its top ``k`` tokens and their log-probabilities), to distil: each (1, length, ...)
+    tensor is aligned with the batch's labels; ``mask`` marks the positions that have one."""
+
+    ids: torch.Tensor  # (1, length, k) token ids
+    logp: torch.Tensor  # (1, length, k) base log-probabilities
+    mask: torch.Tensor  # (1, length) bool
+    weight: float
+
+    def take(self, index: torch.Tensor) -> Teacher:
+        """The same positions as ``labels[index]`` (the shared-prefix pass keeps a subset)."""
+        return Teacher(self.ids[:, index], self.logp[:, index], self.mask[:, index], self.weight)
+
+    @classmethod
+    def for_batch(cls, rows: dict, input_ids, position_ids, weight: float) -> Teacher | None:
+        """The teacher of a packed batch (1, length) from ``rows`` ({row token ids:
+        RowTeacher}); rows start where ``position_ids`` is 0. None when no row has one."""
+        if not rows or position_ids is None or input_ids.shape[0] != 1:
+            return None
+        ids, positions = input_ids[0], position_ids[0]
+        starts = (positions == 0).nonzero().flatten().tolist() + [ids.numel()]
+        found = [
+            (start, rows[key])
+            for start, end in zip(starts, starts[1:], strict=False)
+            if (key := tuple(ids[start:end].tolist())) in rows
+        ]
+        if not found:
+            return None
+        k, length = found[0][1].ids.shape[1], ids.numel()
+        top = torch.zeros(1, length, k, dtype=torch.long, device=ids.device)
+        logp = torch.zeros(1, length, k, device=ids.device)
+        mask = torch.zeros(1, length, dtype=torch.bool, device=ids.device)
+        for start, row in found:
+            at = row.positions.to(ids.device) + start
+            top[0, at] = row.ids.to(ids.device, torch.long)
+            logp[0, at] = row.logp.to(ids.device, torch.float32)
+            mask[0, at] = True
+        return cls(top, logp, mask, weight)
+
+
+@dataclass
+class RowTeacher:
+    """One row's base distributions: at each labelled position (index into the row's labels),
+    the base model's top-k next tokens for that label and their log-probabilities."""
+
+    positions: torch.Tensor  # (n,) long
+    ids: torch.Tensor  # (n, k) int32
+    logp: torch.Tensor  # (n, k) float16: small, and precise enough for a target
+
+
+def _kl(teacher: Teacher, mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Sum over the teacher's positions of KL(base || tuned) over the base's top-k tokens plus
+    one bucket for the rest of the vocabulary: the forgetting a fine-tune causes, measured
+    where it happens (0 while the adapter is still the identity)."""
+    t_mask = teacher.mask[:, 1:][mask]
+    if not bool(t_mask.any()):
+        return logits.new_zeros(())
+    ids = teacher.ids[:, 1:][mask][t_mask]
+    base = teacher.logp[:, 1:][mask][t_mask].exp()
+    tuned = torch.log_softmax(logits[t_mask], dim=-1).gather(1, ids)
+    base = torch.cat([base, (1 - base.sum(-1, keepdim=True)).clamp_min(1e-8)], dim=-1)
+    rest = torch.log((1 - tuned.exp().sum(-1, keepdim=True)).clamp_min(1e-8))
+    tuned = torch.cat([tuned, rest], dim=-1)
+    return (base * (torch.log(base) - tuned)).sum()
+
+
+def _head_loss(lm, hidden, labels, num_items_in_batch, teacher=None) -> tuple[torch.Tensor, int]:
     targets = labels[:, 1:]
     mask = targets != IGNORE
     picked = hidden[:, :-1][mask]
     logits = lm.get_output_embeddings()(picked).float()
     total = F.cross_entropy(logits, targets[mask], reduction="sum")
+    if teacher is not None and teacher.weight:
+        total = total + teacher.weight * _kl(teacher, mask, logits)
     count = int(mask.sum())
     denom = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
     if isinstance(denom, torch.Tensor):
@@ -157,9 +227,10 @@ def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scali
 
 
 def answer_only_loss(
-    model, inputs: dict, num_items_in_batch=None, shared_prefix: bool = False
+    model, inputs: dict, num_items_in_batch=None, shared_prefix: bool = False, teacher=None
 ) -> tuple[torch.Tensor, int]:
-    """(loss, number of labelled tokens). Sum over answer tokens / ``num_items_in_batch``."""
+    """(loss, number of labelled tokens). Sum over answer tokens / ``num_items_in_batch``;
+    with a ``teacher``, plus its weight times the KL term at the teacher's positions."""
     labels = inputs["labels"]
     lm = _causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
@@ -168,15 +239,17 @@ def answer_only_loss(
             inputs["input_ids"], labels, inputs.get("position_ids")
         )
         if prefix:
-            return _shared_prefix_loss(lm, backbone, inputs, prefix, spans, num_items_in_batch)
+            return _shared_prefix_loss(
+                lm, backbone, inputs, prefix, spans, num_items_in_batch, teacher
+            )
     kwargs = {
         k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")
     }
     hidden = backbone(**kwargs, use_cache=False).last_hidden_state
-    return _head_loss(lm, hidden, labels, num_items_in_batch)
+    return _head_loss(lm, hidden, labels, num_items_in_batch, teacher)
 
 
-def _shared_prefix_loss(lm, backbone, inputs, prefix, spans, num_items_in_batch):
+def _shared_prefix_loss(lm, backbone, inputs, prefix, spans, num_items_in_batch, teacher=None):
     ids, labels, pos = inputs["input_ids"][0], inputs["labels"][0], inputs["position_ids"][0]
     # the prefix once (from the first row), then every row without it
     keep = torch.cat(
@@ -196,4 +269,6 @@ def _shared_prefix_loss(lm, backbone, inputs, prefix, spans, num_items_in_batch)
             **{ROWS_KWARG: layout},
         ).last_hidden_state
     suffixes = keep[prefix:]
-    return _head_loss(lm, hidden[:, prefix:], labels[suffixes][None], num_items_in_batch)
+    if teacher is not None:
+        teacher = teacher.take(suffixes)
+    return _head_loss(lm, hidden[:, prefix:], labels[suffixes][None], num_items_in_batch, teacher)

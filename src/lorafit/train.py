@@ -24,7 +24,7 @@ from lorafit.paths import default_run_dir
 from lorafit.plots import plot_loss
 from lorafit.rundir import RunDir, RunRecord, library_versions, training_dir
 from lorafit.sources import resolve_base
-from lorafit.tracking import Tracker, start_training_run
+from lorafit.tracking import Tracker, config_without_secrets, start_training_run
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,19 @@ def train(
     overwrite: bool = False,
     resume: bool = False,
     show_progress: bool = True,
+    callbacks: list | None = None,
 ) -> Path:
-    """Train a LoRA adapter as ``config`` says; return the run directory."""
+    """Train a LoRA adapter as ``config`` says; return the run directory. ``callbacks``:
+    extra transformers TrainerCallbacks (the benchmark's evaluation points)."""
     rank, world_size = process_rank()
     writer = rank == 0  # under torchrun only rank 0 writes the run directory
     target = Path(config.output_dir or default_run_dir())
     with training_dir(target, overwrite, resume, writer) as run:
-        _train(config, run, resume, show_progress and writer, world_size, writer)
+        _train(config, run, resume, show_progress and writer, world_size, writer, callbacks or [])
     return target
 
 
-def _train(config, run: RunDir, resume, show_progress, world_size, writer) -> None:
+def _train(config, run: RunDir, resume, show_progress, world_size, writer, callbacks) -> None:
     import torch
 
     started = time.time()
@@ -58,14 +60,26 @@ def _train(config, run: RunDir, resume, show_progress, world_size, writer) -> No
     record = RunRecord(run, _run_info(config, base, data, device, world_size), writer)
     tracker = Tracker("", enabled=False)
     if writer:
-        run.config_file.write_text(dump_config(config))
+        run.config_file.write_text(dump_config(config_without_secrets(config)))
         if not resume:
             run.metrics_file.unlink(missing_ok=True)
         record.start()
         tracker = start_training_run(config, run, record, resume)
         _log_setup(record.info, config)
     try:
-        _fit(config, run, record, tracker, model, tokenizer, data, resume, show_progress, started)
+        _fit(
+            config,
+            run,
+            record,
+            tracker,
+            model,
+            tokenizer,
+            data,
+            resume,
+            show_progress,
+            started,
+            callbacks,
+        )
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             record.interrupt("aborted (Ctrl-C)")
@@ -103,7 +117,9 @@ def _log_setup(info: dict, config: Config) -> None:
     )
 
 
-def _fit(config, run, record, tracker, model, tokenizer, data, resume, show_progress, started):
+def _fit(
+    config, run, record, tracker, model, tokenizer, data, resume, show_progress, started, extra
+):
     """Build the trainer, train (resuming from the last complete checkpoint), save the adapter."""
     from lorafit.trainer import GracefulStop, LorafitTrainer, MetricsCallback, sft_config
 
@@ -124,8 +140,9 @@ def _fit(config, run, record, tracker, model, tokenizer, data, resume, show_prog
         eval_dataset=_to_hf_dataset(data.eval) if data.eval else None,
         processing_class=tokenizer,
         peft_config=lora_config(config.lora, model),
-        callbacks=[metrics, stop],
+        callbacks=[metrics, stop, *extra],
         lorafit_config=config,
+        teachers=data.teachers,
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -204,6 +221,8 @@ def _results(trainer, result, info: dict, started: float) -> dict[str, Any]:
         # 1 when each batch ran its common prefix once (checked equal on the first batch)
         "shared_prefix": int(bool(trainer.shared_prefix)),
         "shared_prefix_tokens": trainer.shared_prefix_tokens,
+        # replay answer positions the KL term reached (0 with data.replay_kl 0, or multi-process)
+        "kl_positions": trainer.teacher_positions_seen,
         "cuda_peak_bytes": _cuda_peak_bytes(),
     }
 

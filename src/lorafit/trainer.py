@@ -34,9 +34,11 @@ class LorafitTrainer(SFTTrainer):
     outside the DDP wrapper whose forward prepares the gradient all-reduce.
     """
 
-    def __init__(self, *args, lorafit_config: Config, **kwargs):
+    def __init__(self, *args, lorafit_config: Config, teachers: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.lorafit_config = lorafit_config
+        self.teachers = teachers or {}
+        self.teacher_positions_seen = 0  # replay positions the KL term reached (run.json)
         self.shared_prefix: bool | None = None  # decided on the first batch that has one
         self.shared_prefix_tokens = 0
         self.tokens_seen = 0
@@ -46,12 +48,30 @@ class LorafitTrainer(SFTTrainer):
         if return_outputs or self.accelerator.num_processes > 1:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         share = self._shared_prefix_checked(model, inputs)
-        loss, count = answer_only_loss(model, inputs, num_items_in_batch, share)
+        teacher = self._teacher(inputs) if model.training else None
+        # accelerate autocasts the wrapped model's forward; this loss calls the inner model,
+        # so train.precision's autocast has to be entered here
+        with self.accelerator.autocast():
+            loss, count = answer_only_loss(model, inputs, num_items_in_batch, share, teacher)
         if model.training:
             mask = inputs.get("attention_mask")
             self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
             self.answer_tokens_seen += count
         return loss
+
+    def _teacher(self, inputs):
+        """The base distributions of the replay rows packed in this batch (None: none)."""
+        from lorafit.loss import Teacher
+
+        teacher = Teacher.for_batch(
+            self.teachers,
+            inputs["input_ids"],
+            inputs.get("position_ids"),
+            self.lorafit_config.data.replay_kl,
+        )
+        if teacher is not None:
+            self.teacher_positions_seen += int(teacher.mask.sum())
+        return teacher
 
     def _shared_prefix_checked(self, model, inputs) -> bool:
         """Share the batch's common prefix once it gave the same loss on a real batch.

@@ -25,19 +25,59 @@ from lorafit.shipped import REPLAY_PROMPTS, resolve
 log = logging.getLogger(__name__)
 
 
+TEACHER_TOP_K = 64  # base tokens kept per position: nearly all of a small model's mass
+
+
 @dataclass
 class TrainingData:
-    """Rows to train on and to compute the eval loss on, and what run.json says of them."""
+    """Rows to train on and to compute the eval loss on, and what run.json says of them;
+    ``teachers``: for each replay row (by its token ids), the base model's top next tokens at
+    each answer position, which ``data.replay_kl`` distils."""
 
     train: list[Tokenized]
     eval: list[Tokenized] | None
     info: dict[str, Any] = field(default_factory=dict)  # {"train", "eval", "replay"}
+    teachers: dict[tuple[int, ...], Any] = field(default_factory=dict)  # -> loss.RowTeacher
 
     def add_replay(self, config: Config, model, tokenizer, model_dir: Path) -> None:
-        """Mix in the base model's answers to general prompts (``data.replay`` of the mix)."""
+        """Mix in the base model's answers to general prompts (``data.replay`` of the mix),
+        with its next-token distributions on them when ``data.replay_kl`` asks."""
         rows, info = replay_rows(config, model, tokenizer, model_dir, len(self.train))
         self.train = self.train + rows
         self.info["replay"] = info
+        if rows and config.data.replay_kl:
+            self.teachers = base_distributions(model, rows)
+            info["kl_weight"], info["kl_rows"] = config.data.replay_kl, len(self.teachers)
+
+
+def base_distributions(model, rows: list[Tokenized], k: int = TEACHER_TOP_K) -> dict:
+    """{row token ids: RowTeacher} from the base model (before any adapter exists), one
+    forward pass per distinct row."""
+    import torch
+
+    from lorafit.loss import RowTeacher
+
+    out: dict[tuple[int, ...], RowTeacher] = {}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for row in rows:
+            key = tuple(row.input_ids)
+            if key in out:
+                continue
+            at = [p for p, label in enumerate(row.labels) if p and label != -100]
+            if not at:
+                continue
+            logits = model(input_ids=torch.tensor([row.input_ids], device=device)).logits[0]
+            before = torch.tensor(at, device=device) - 1  # the logits that predict label p
+            top = torch.log_softmax(logits[before].float(), dim=-1).topk(k)
+            out[key] = RowTeacher(
+                torch.tensor(at), top.indices.cpu().to(torch.int32), top.values.cpu().half()
+            )
+    if was_training:
+        model.train()
+    return out
 
 
 def load_tokenized(path: str, tokenizer, config: Config, role: str):
