@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -82,6 +83,15 @@ def _stop(proc):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def _kill_jobs(workspace: Path) -> None:
+    """The app's jobs outlive it by design (a page re-attaches); a failed test must not leave
+    a training running."""
+    from lorafit.ui.workspace import Workspace
+
+    for job in Workspace(workspace).running():
+        os.kill(job.pid, signal.SIGKILL)
 
 
 def _status(url, data=None, headers=None) -> int:
@@ -171,6 +181,18 @@ def test_paths_stay_inside_the_workspace(app_client, tmp_path):
     assert r.status_code == 400
 
 
+def test_a_run_that_is_still_starting_has_pages(app_client):
+    """The Train page opens right after Start, before the training process wrote run.json:
+    it says "starting" (it once answered 500 there and the chart never appeared)."""
+    client, csrf, workspace = app_client
+    (workspace / "runs" / "fresh").mkdir(parents=True, exist_ok=True)
+    r = client.get("/train?run=fresh")
+    assert r.status_code == 200 and 'id="status">starting<' in r.text
+    json_headers = {"Content-Type": "application/json", "X-CSRF-Token": csrf}
+    r = client.post("/api/eval/start", content=json.dumps({"run": "fresh"}), headers=json_headers)
+    assert r.status_code == 400 and "has not started yet" in r.text
+
+
 def test_off_loopback_a_token_is_required(tmp_path):
     proc, base = _start(tmp_path, "--host", "0.0.0.0", "--token", "t0ken-for-test")
     try:
@@ -236,7 +258,8 @@ def test_the_whole_job_in_a_browser(tmp_path):
 
             # Train: the chart fills, a reload re-attaches to the same run
             page.wait_for_url(re.compile(r"/train\?run="))
-            expect(page.locator("#chart path.train")).to_have_count(1, timeout=300_000)
+            # the first point comes after loading the model and one step: minutes on a busy machine
+            expect(page.locator("#chart path.train")).to_have_count(1, timeout=900_000)
             page.reload()
             expect(page.locator("#status")).to_have_text(re.compile("running|completed"))
             expect(page.locator("#chart path.train")).to_have_count(1, timeout=60_000)
@@ -279,4 +302,5 @@ def test_the_whole_job_in_a_browser(tmp_path):
             browser.close()
     finally:
         _stop(proc)
+        _kill_jobs(tmp_path / "workspace")
     assert len(list(shots.glob("*.png"))) == 7

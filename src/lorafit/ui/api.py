@@ -225,7 +225,10 @@ def _progress(folder, rows) -> dict:
 async def start_eval(ui, request: Request):
     data = await ui.json(request)
     run = safe_name(str(data.get("run", "")), "run")
-    info = ui.ws.run_dir(run).info()
+    folder = ui.ws.run_dir(run)
+    if not folder.info_file.is_file():
+        raise LorafitError(f"run {run!r} has not started yet: nothing to evaluate")
+    info = folder.info()
     eval_file = ((info.get("data") or {}).get("eval") or {}).get("path")
     if not eval_file:
         raise LorafitError(f"run {run!r} has no held-out data to evaluate on")

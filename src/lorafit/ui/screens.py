@@ -125,7 +125,10 @@ def _expected(tokens: int | None, config, rate: float | None) -> str:
 
 def train(ui, request: Request):
     run = ui.run_name(request)
-    status = ui.ws.run_dir(run).info().get("status", "-") if run else "-"
+    status = "-"
+    if run:  # the training process writes run.json a few seconds after it starts
+        folder = ui.ws.run_dir(run)
+        status = folder.info().get("status", "-") if folder.info_file.is_file() else "starting"
     return ui.page("train", "Train", request, run=run, status=status, runs=ui.ws.runs())
 
 
