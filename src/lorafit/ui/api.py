@@ -18,6 +18,8 @@ from lorafit.errors import LorafitError
 from lorafit.rundir import read_json, write_json
 from lorafit.ui.workspace import GLOSSARY_SUFFIXES, metrics_rows, safe_name
 
+CHAT_WAIT_S = 10  # a question asked while another is answered waits this long, then gets 503
+
 
 def _save_glossary(ui, name: str, text: str) -> dict:
     """Parse first (nothing written for a file that is not a glossary), then write."""
@@ -271,7 +273,9 @@ async def chat(ui, request: Request):
     question = str(data.get("question", "")).strip()[:2000]
     if not question:
         raise LorafitError("ask a question")
-    if not ui.chat_lock.acquire(blocking=False):
+    # wait a little for the answer before: the page asks the base model as soon as the tuned
+    # one's stream ends, a moment before that generation's thread lets go of the lock
+    if not await asyncio.to_thread(ui.chat_lock.acquire, True, CHAT_WAIT_S):
         return JSONResponse({"error": "busy answering another question; try again"}, 503)
     try:
         if run not in ui.loaded:
