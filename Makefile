@@ -39,9 +39,14 @@ test: setup $(TOOLS)
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-# lorafit vs the usual TRL scripts on this machine (~15 min on 2 cores): bench/results.{json,md}
+# lorafit vs the usual TRL scripts on this machine (~15 min on 2 cores): bench/results.{json,md};
+# `make bench MODE=quality`: time to a correct model instead (hours on 2 cores; see README)
 bench: setup
-	$(BIN)/python bench/bench.py
+ifeq ($(MODE),quality)
+	$(BIN)/python bench/time_to_quality.py $(BENCH_ARGS)
+else
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+endif
 
 lint: setup
 	$(BIN)/ruff check src tests
