@@ -280,10 +280,10 @@ def test_training_distils_the_replay_rows(tmp_path, tiny_model_dir, monkeypatch)
         ]
 
     monkeypatch.setattr(lorafit.data.replay, "base_answers", canned)
-    info = _train_tiny(tmp_path, tiny_model_dir, "kl", **{"data.replay": 0.5, "data.replay_kl": 1})
+    info = _train_tiny(tmp_path, tiny_model_dir, "kl", **{"data.replay": 0.5})  # the default
     assert info["data"]["replay"]["kl_rows"] == 2
     assert info["results"]["kl_positions"] > 0
-    off = _train_tiny(tmp_path, tiny_model_dir, "nokl", **{"data.replay": 0.5})  # the default
+    off = _train_tiny(tmp_path, tiny_model_dir, "nokl", **{"data.replay": 0.5, "data.replay_kl": 0})
     assert off["results"]["kl_positions"] == 0 and "kl_rows" not in off["data"]["replay"]
 
 
