@@ -11,7 +11,7 @@ evaluated) until 95% or ``--cap-epochs``; reported: seconds and tokens to 90% an
 and the accuracy curve. Configurations:
 
 - ``lorafit``: lorafit's default recipe (``demo`` preset: answer-only loss, shared prefix,
-  LoRA r16 all-linear, lr 1e-3, batch 16 x 1, replay 0.2, precision auto);
+  LoRA r16 all-linear, lr 1e-3, batch 16 x 1, replay 0.3 with the KL term, precision auto);
 - ``trl_documented``: TRL's SFTTrainer as its documentation writes it: its defaults (lr 2e-5,
   per-device batch 8, bf16 and gradient checkpointing on) on a conversational
   prompt/completion dataset, plus LoRA r16 on all linear layers;
