@@ -147,3 +147,29 @@ def test_report_html_renders_in_a_headless_browser(tracked, tmp_path):
     assert hi - lo > 200  # text and plots drawn, not a blank page
     grey_levels = sum(1 for count in image.histogram() if count)
     assert grey_levels > 20
+
+
+def test_a_run_directory_cannot_send_lorafit_to_its_own_store(tmp_path, monkeypatch):
+    """run.json names the store a run was tracked in; eval, merge and export log only to the
+    store the user configured, so a run directory from someone else reaches no server of its
+    choosing (its URI is only compared, never contacted)."""
+    import socket
+
+    from lorafit.rundir import write_json
+    from lorafit.tracking import tracker_for_run
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    theirs = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    run = tmp_path / "their-run"
+    run.mkdir()
+    tracking = {"uri": theirs, "run_id": "0" * 32, "experiment": "lorafit"}
+    write_json(run / "run.json", {"status": "completed", "tracking": tracking})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracker_for_run(run) is None  # the default store is not theirs
+    assert tracker_for_run(run, store=f"sqlite:///{tmp_path / 'mine.db'}") is None
+    with pytest.raises(BlockingIOError):
+        listener.accept()  # nothing ever connected to the store the run names
+    listener.close()
