@@ -91,3 +91,25 @@ def test_the_trainer_writes_trainer_state_last_in_a_checkpoint(tmp_path, tiny_mo
         files = [p for p in checkpoint.rglob("*") if p.is_file()]
         last = max(files, key=lambda p: p.stat().st_mtime_ns)
         assert last.name == "trainer_state.json", (checkpoint, last)
+
+
+def test_training_sends_no_telemetry(tmp_path, tiny_model_dir, monkeypatch):
+    """TRL's trainer pings the Hub from a background thread when it is built; lorafit's never
+    does (unless the user sets HF_HUB_DISABLE_TELEMETRY=0)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _telemetry
+    from test_train import _cfg
+
+    from lorafit.train import train
+
+    pings = []
+    monkeypatch.delenv("CI", raising=False)  # TRL stays quiet under CI by itself
+    monkeypatch.delenv("HF_HUB_DISABLE_TELEMETRY", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(_telemetry, "_start_telemetry_thread", lambda: pings.append("thread"))
+    monkeypatch.setattr(_telemetry, "_TELEMETRY_QUEUE", type("Q", (), {"put": pings.append})())
+    train(_cfg(tmp_path, tiny_model_dir, **{"train.max_steps": 1}), show_progress=False)
+    assert pings == []
+    assert constants.HF_HUB_DISABLE_TELEMETRY is True

@@ -9,6 +9,25 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+
+# huggingface_hub 2.4.0 / trl 1.16.0 ---------------------------------------------------------
+# TRL's trainers send a usage ping to the Hub (trainer name, model id) from a background thread
+# every time one is built. lorafit does not phone home (a model id can name a private repo or
+# path), and on a machine without a network that thread's name lookup once crashed the process
+# (SIGSEGV in getaddrinfo, in CI). huggingface_hub reads HF_HUB_DISABLE_TELEMETRY when it is
+# imported, so the variable alone is too late once it is: its constant is set too. A user who
+# sets HF_HUB_DISABLE_TELEMETRY=0 keeps the ping. Test: test_hooks.py::test_training_sends_no_
+# telemetry.
+def no_telemetry() -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if os.environ["HF_HUB_DISABLE_TELEMETRY"].strip().lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import constants
+
+        constants.HF_HUB_DISABLE_TELEMETRY = True
+
+
 # transformers 5.24.0 --------------------------------------------------------------------
 # The shared-prefix pass (lorafit.loss) swaps the attention kernel of one forward pass for
 # ``rows_attention`` and hands it the row layout through an extra keyword argument, which

@@ -35,6 +35,9 @@ class LorafitTrainer(SFTTrainer):
     """
 
     def __init__(self, *args, lorafit_config: Config, teachers: dict | None = None, **kwargs):
+        from lorafit.hooks import no_telemetry
+
+        no_telemetry()  # TRL pings the Hub from its constructor
         super().__init__(*args, **kwargs)
         self.lorafit_config = lorafit_config
         self.teachers = teachers or {}
