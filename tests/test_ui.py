@@ -61,6 +61,9 @@ def _start(workspace: Path, *extra: str):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # the workspace's own store (runs/mlflow.db), as a user gets it, not the session's one
+        # that every other test's runs went to
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
