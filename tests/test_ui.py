@@ -310,3 +310,27 @@ def test_the_whole_job_in_a_browser(tmp_path):
         _stop(proc)
         _kill_jobs(tmp_path / "workspace")
     assert len(list(shots.glob("*.png"))) == 7
+
+
+def test_a_question_given_up_while_waiting_leaves_the_model_free():
+    """A chat request waits for the answer before it; when its client goes away meanwhile, the
+    lock must not end up held by nobody (every later question would get 503 for good)."""
+    import asyncio
+    import threading
+
+    from lorafit.ui.api import take_lock
+
+    lock = threading.Lock()
+    lock.acquire()  # an answer in progress
+
+    async def give_up():
+        waiting = asyncio.create_task(take_lock(lock, 5))
+        await asyncio.sleep(0.2)
+        waiting.cancel()  # the tab closed
+        await asyncio.gather(waiting, return_exceptions=True)
+        lock.release()  # the answer in progress ends
+        await asyncio.sleep(0.3)
+
+    asyncio.run(give_up())
+    assert lock.acquire(blocking=False)  # free for the next question
+    assert asyncio.run(take_lock(lock, 0.1)) is False  # and a held lock times out

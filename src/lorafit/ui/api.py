@@ -275,7 +275,7 @@ async def chat(ui, request: Request):
         raise LorafitError("ask a question")
     # wait a little for the answer before: the page asks the base model as soon as the tuned
     # one's stream ends, a moment before that generation's thread lets go of the lock
-    if not await asyncio.to_thread(ui.chat_lock.acquire, True, CHAT_WAIT_S):
+    if not await take_lock(ui.chat_lock, CHAT_WAIT_S):
         return JSONResponse({"error": "busy answering another question; try again"}, 503)
     try:
         if run not in ui.loaded:
@@ -316,6 +316,18 @@ async def chat(ui, request: Request):
 
     threading.Thread(target=answer, daemon=True).start()
     return StreamingResponse(_stream(streamer), media_type="text/event-stream")
+
+
+async def take_lock(lock, seconds: float) -> bool:
+    """``lock`` within ``seconds``, polled from the event loop: a request cancelled while it
+    waits (the tab closed) holds nothing. A blocking acquire in a worker thread would take the
+    lock after its request was gone and never give it back."""
+    deadline = time.monotonic() + seconds
+    while not lock.acquire(blocking=False):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 async def _stream(streamer):
