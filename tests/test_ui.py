@@ -196,6 +196,27 @@ def test_a_run_that_is_still_starting_has_pages(app_client):
     assert r.status_code == 400 and "has not started yet" in r.text
 
 
+def test_a_training_that_dies_before_it_begins_says_so(app_client):
+    """A training process that ends before writing run.json (here: its config is missing)
+    shows "failed" with the reason and its log, not "starting" for good."""
+    client, _, workspace = app_client
+    from lorafit.ui.workspace import Workspace
+
+    ws = Workspace(workspace)
+    job = ws.start("train", "doomed", ["train", "configs/missing.yaml", "--output", "runs/doomed"])
+    deadline = time.time() + 120
+    while ws.running("train") and time.time() < deadline:  # records how it ended
+        time.sleep(0.5)
+    assert not (workspace / "runs" / "doomed" / "run.json").exists()
+    with client.stream("GET", "/api/train/events?run=doomed") as events:
+        first = next(line for line in events.iter_lines() if line.startswith("data: "))
+    state = json.loads(first[len("data: ") :])
+    assert state["status"] == "failed" and not state["running"]
+    assert "before it began (exit code 2)" in state["error"]
+    assert "missing.yaml" in state["log"]  # the reason, in the log the page opens
+    assert 'id="status">failed<' in client.get("/train?run=doomed").text
+
+
 def test_off_loopback_a_token_is_required(tmp_path):
     proc, base = _start(tmp_path, "--host", "0.0.0.0", "--token", "t0ken-for-test")
     try:

@@ -184,11 +184,11 @@ async def train_events(ui, request: Request):
     async def events():
         while not await request.is_disconnected():
             rows = metrics_rows(folder)
-            job = next((j for j in ui.ws.jobs() if j.run == run and j.kind == "train"), None)
+            status, job, error = ui.ws.train_status(run)
             running = bool(job and job.alive())
-            info = folder.info() if folder.info_file.is_file() else {}
             state = {
-                "status": info.get("status", "starting" if running else "-"),
+                "status": status,
+                "error": error,
                 "running": running,
                 "train": [[r["step"], r["loss"]] for r in rows if "loss" in r],
                 "eval": [[r["step"], r["eval_loss"]] for r in rows if "eval_loss" in r],

@@ -127,8 +127,7 @@ def train(ui, request: Request):
     run = ui.run_name(request)
     status = "-"
     if run:  # the training process writes run.json a few seconds after it starts
-        folder = ui.ws.run_dir(run)
-        status = folder.info().get("status", "-") if folder.info_file.is_file() else "starting"
+        status = ui.ws.train_status(run)[0]
     return ui.page("train", "Train", request, run=run, status=status, runs=ui.ws.runs())
 
 

@@ -181,6 +181,19 @@ class Workspace:
         if job.alive():
             os.kill(job.pid, signal.SIGINT)
 
+    def train_status(self, run: str) -> tuple[str, Job | None, str]:
+        """The run's status as its Train page shows it, its latest training job, and what went
+        wrong when that process ended without saying so in run.json (a bad setting caught
+        before run.json exists, or a kill): "failed" then, never "starting" for good."""
+        folder = self.run_dir(run)
+        job = next((j for j in self.jobs() if j.run == run and j.kind == "train"), None)
+        status = folder.info().get("status") if folder.info_file.is_file() else None
+        if job is None or job.alive() or status not in (None, "new", "running"):
+            return status or "starting", job, ""
+        code = "unknown" if job.returncode is None else job.returncode
+        when = "before it began" if status is None else "without saving its state"
+        return "failed", job, f"the training process ended {when} (exit code {code}): see its log"
+
     def tail(self, job: Job, lines: int = 30) -> str:
         path = self.log_file(job)
         if not path.is_file():
