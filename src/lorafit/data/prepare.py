@@ -39,13 +39,24 @@ class TrainingData:
     info: dict[str, Any] = field(default_factory=dict)  # {"train", "eval", "replay"}
     teachers: dict[tuple[int, ...], Any] = field(default_factory=dict)  # -> loss.RowTeacher
 
-    def add_replay(self, config: Config, model, tokenizer, model_dir: Path) -> None:
+    def add_replay(
+        self, config: Config, model, tokenizer, model_dir: Path, world_size: int = 1
+    ) -> None:
         """Mix in the base model's answers to general prompts (``data.replay`` of the mix),
         with its next-token distributions on them when ``data.replay_kl`` asks."""
         rows, info = replay_rows(config, model, tokenizer, model_dir, len(self.train))
         self.train = self.train + rows
         self.info["replay"] = info
-        if rows and config.data.replay_kl:
+        if rows and config.data.replay_kl and world_size > 1:
+            # several processes train through TRL's own loss, which has no KL term: computing
+            # the base distributions would cost a forward per replay row for nothing
+            info["kl_weight"], info["kl_rows"] = 0.0, 0
+            log.warning(
+                "data.replay_kl applies to one-process training only; with %d processes the "
+                "replay rows train on the base model's answers alone",
+                world_size,
+            )
+        elif rows and config.data.replay_kl:
             self.teachers = base_distributions(model, rows)
             info["kl_weight"], info["kl_rows"] = config.data.replay_kl, len(self.teachers)
 
