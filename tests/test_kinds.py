@@ -73,6 +73,23 @@ def test_reverse_asks_the_description_back_in_another_form():
     assert held_out.response == "That is ATP (Available to Promise)."
 
 
+def test_training_asks_which_questions_the_held_out_set_never_asks(pairs):
+    """The held-out "Which SAP transaction creates a purchase order to a supplier?" is a shape
+    training must teach ("Which <noun> <verb> ...?" answered literally was most reverse
+    misses), with a shorter cut of the clause, one no other term's definition shares."""
+    train, evals = pairs
+    reverse_train = {p.prompt: p.term for p in train if p.kind == "reverse"}
+    held_out = {p.prompt for p in evals if p.kind == "reverse"}
+    assert reverse_train["Which SAP transaction creates a purchase order?"] == "ME21N"
+    assert reverse_train["Which SAP transaction creates a sales order?"] == "VA01"
+    # MMBE's and MD04's first cut is the same "shows a material's stock": each goes further
+    assert reverse_train["Which SAP transaction shows a material's stock across plants?"] == "MMBE"
+    assert "Which SAP transaction shows a material's stock?" not in reverse_train
+    which = [q for q in reverse_train if q.startswith("Which ") and not q.startswith("Which term")]
+    assert len(which) >= 25 and not held_out & set(which)
+    assert all(not h.startswith(q.rstrip("?") + "?") for q in which for h in held_out)
+
+
 def test_followups_carry_the_first_turn(pairs):
     train, _ = pairs
     followup = next(p for p in train if p.kind == "followup")

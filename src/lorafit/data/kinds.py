@@ -235,14 +235,48 @@ def opening(description: str) -> str | None:
     return " ".join(words[:cut]).rstrip(",")
 
 
+def _relative(clause: str) -> tuple[str, str, str] | None:
+    """``clause`` as (noun, verb, rest) when it reads "the <noun> that <verb> <rest>"."""
+    match = _RELATIVE.match(clause)
+    if match and match.group(2).lower() not in _NOT_A_VERB:
+        return match.group(1), match.group(2), match.group(3)
+    return None
+
+
 def which_question(definition: str) -> str | None:
     """The definition asked back as a question, "the company that designs X" -> "Which company
     designs X?", from the last clause that has that shape (None when none has)."""
     for clause in reversed(clauses(definition)):
-        match = _RELATIVE.match(clause)
-        if match and match.group(2).lower() not in _NOT_A_VERB:
-            return f"Which {match.group(1)} {match.group(2)} {match.group(3)}?"
+        if shape := _relative(clause):
+            return "Which {} {} {}?".format(*shape)
     return None
+
+
+# where a "Which ...?" question may stop short of its clause's end: before a phrase that only
+# narrows it down (not "or", "that", "of": "certifies a new | or repaired part" reads wrong)
+_CUT = frozenset(
+    "to for from in on by after before when with without across at into until between and".split()
+)
+
+
+def which_questions_to_train(definition: str, others: list[str]) -> list[str]:
+    """"Which <noun> <verb> ...?" questions for training that the held-out one never is: the
+    held-out clause cut at its first natural break that no other definition in ``others``
+    shares ("Which SAP transaction creates a purchase order?"; a cut two terms share would
+    teach one question two answers), and any earlier clause of that shape whole."""
+    found = [shape for clause in clauses(definition) if (shape := _relative(clause))]
+    if not found:
+        return []
+    out = ["Which {} {} {}?".format(*shape) for shape in found[:-1]]
+    noun, verb, rest = found[-1]
+    words = rest.split()
+    for i in range(2, len(words)):
+        if words[i].lower() in _CUT or words[i - 1].endswith(","):
+            short = " ".join(words[:i]).rstrip(",")
+            if not any(f"{verb} {short}".lower() in other.lower() for other in others):
+                out.append(f"Which {noun} {verb} {short}?")
+                break
+    return out
 
 
 def related(glossary: Glossary, term: Term) -> list[Term]:
@@ -328,6 +362,8 @@ class Generator:
             prompts = [question] if question else []
             prompts += [t.format(f=parts[-1]) for t in templates]
         else:
+            others = [t.definition for t in self.glossary.terms if t is not term]
+            prompts = which_questions_to_train(term.definition, others)
             descriptions = [whole]
             if len(parts) > 1:
                 descriptions.append(parts[0])
@@ -340,7 +376,7 @@ class Generator:
                 for i, t in enumerate(templates * 3)
                 for d in [descriptions[i % len(descriptions)]]
             ]
-            prompts = list(dict.fromkeys(t.format(f=d) for d, t in pairs))
+            prompts = list(dict.fromkeys(prompts + [t.format(f=d) for d, t in pairs]))
         answer = f"That is {name_of(term)}."
         facts = {"names": self.names(term), "others": self.other_names(term)}
         return [Pair(p, answer, "reverse", term.term, judge=facts) for p in prompts[:count]]
