@@ -203,7 +203,7 @@ def test_a_training_that_dies_before_it_begins_says_so(app_client):
     from lorafit.ui.workspace import Workspace
 
     ws = Workspace(workspace)
-    job = ws.start("train", "doomed", ["train", "configs/missing.yaml", "--output", "runs/doomed"])
+    ws.start("train", "doomed", ["train", "configs/missing.yaml", "--output", "runs/doomed"])
     deadline = time.time() + 120
     while ws.running("train") and time.time() < deadline:  # records how it ended
         time.sleep(0.5)

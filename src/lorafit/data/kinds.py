@@ -255,12 +255,30 @@ def which_question(definition: str) -> str | None:
 # where a "Which ...?" question may stop short of its clause's end: before a phrase that only
 # narrows it down (not "or", "that", "of": "certifies a new | or repaired part" reads wrong)
 _CUT = frozenset(
-    "to for from in on by after before when with without across at into until between and".split()
+    [
+        "to",
+        "for",
+        "from",
+        "in",
+        "on",
+        "by",
+        "after",
+        "before",
+        "when",
+        "with",
+        "without",
+        "across",
+        "at",
+        "into",
+        "until",
+        "between",
+        "and",
+    ]
 )
 
 
 def which_questions_to_train(definition: str, others: list[str]) -> list[str]:
-    """"Which <noun> <verb> ...?" questions for training that the held-out one never is: the
+    """ "Which <noun> <verb> ...?" questions for training that the held-out one never is: the
     held-out clause cut at its first natural break that no other definition in ``others``
     shares ("Which SAP transaction creates a purchase order?"; a cut two terms share would
     teach one question two answers), and any earlier clause of that shape whole."""
