@@ -201,7 +201,7 @@ def run_trl(work, train, questions, cap_epochs, precision, lr=None, batch=None):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from lorafit.sources import resolve_model_dir
 
@@ -240,24 +240,10 @@ def run_trl(work, train, questions, cap_epochs, precision, lr=None, batch=None):
     )
     steps_per_epoch = -(-len(rows) // (per_device * accumulation))
     tokens_per_step = _tokens(tok, train) / len(rows) * per_device * accumulation
-    probe = Probe(
-        questions,
-        tok,
-        _chat(tok),
-        max(1, steps_per_epoch // 2),
-        tokens_per_step,
-        steps_per_epoch * cap_epochs,
-    )
     peft = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data,
-        processing_class=tok,
-        peft_config=peft,
-        callbacks=[probe.callback],
+    probe = _train_probed(
+        (model, tok, args, data, peft), questions, _chat(tok), steps_per_epoch, tokens_per_step
     )
-    trainer.train()
     return probe, "bf16" if kwargs["bf16"] else "fp32"
 
 
@@ -266,7 +252,7 @@ def run_seed(work, train, questions, cap_epochs, precision):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from lorafit.sources import resolve_model_dir
 
@@ -300,28 +286,43 @@ def run_seed(work, train, questions, cap_epochs, precision):
     tokens_per_step = (
         sum(len(tok(text(r["prompt"], r["response"]))["input_ids"]) for r in rows) / len(rows) * 16
     )
-    probe = Probe(
-        questions,
-        tok,
-        text,
-        max(1, steps_per_epoch // 2),
-        tokens_per_step,
-        steps_per_epoch * cap_epochs,
-    )
     peft = LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
     )
+    collator = DataCollatorForLanguageModeling(tokenizer=tok, mlm=False)
+    probe = _train_probed(
+        (model, tok, args, data, peft), questions, text, steps_per_epoch, tokens_per_step, collator
+    )
+    return probe, "fp32"
+
+
+def _train_probed(setup, questions, chat, steps_per_epoch, tokens_per_step, collator=None):
+    """Train a TRL SFTTrainer on ``setup`` (model, tokenizer, SFTConfig, dataset, LoRA config),
+    asking the held-out questions every half epoch; the Probe holds the curve."""
+    from trl import SFTTrainer
+
+    model, tok, args, data, peft = setup
+    epochs = int(args.num_train_epochs)
+    probe = Probe(
+        questions,
+        tok,
+        chat,
+        max(1, steps_per_epoch // 2),
+        tokens_per_step,
+        steps_per_epoch * epochs,
+    )
+    extra = {"data_collator": collator} if collator else {}
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=data,
         processing_class=tok,
         peft_config=peft,
-        data_collator=DataCollatorForLanguageModeling(tokenizer=tok, mlm=False),
         callbacks=[probe.callback],
+        **extra,
     )
     trainer.train()
-    return probe, "fp32"
+    return probe
 
 
 def worker(name, work, train, evals, cap_epochs, precision, out: Path) -> None:

@@ -70,25 +70,27 @@ class Teacher:
         RowTeacher}); rows start where ``position_ids`` is 0. None when no row has one."""
         if not rows or position_ids is None or input_ids.shape[0] != 1:
             return None
-        ids, positions = input_ids[0], position_ids[0]
-        starts = (positions == 0).nonzero().flatten().tolist() + [ids.numel()]
+        device = input_ids.device
+        # the row keys are read on the host: one copy per step from a GPU, not one per row
+        ids, positions = input_ids[0].tolist(), position_ids[0].tolist()
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
         found = [
             (start, rows[key])
             for start, end in zip(starts, starts[1:], strict=False)
-            if (key := tuple(ids[start:end].tolist())) in rows
+            if (key := tuple(ids[start:end])) in rows
         ]
         if not found:
             return None
-        k, length = found[0][1].ids.shape[1], ids.numel()
-        top = torch.zeros(1, length, k, dtype=torch.long, device=ids.device)
-        logp = torch.zeros(1, length, k, device=ids.device)
-        mask = torch.zeros(1, length, dtype=torch.bool, device=ids.device)
+        k, length = found[0][1].ids.shape[1], len(ids)
+        top = torch.zeros(1, length, k, dtype=torch.long)
+        logp = torch.zeros(1, length, k)
+        mask = torch.zeros(1, length, dtype=torch.bool)
         for start, row in found:
-            at = row.positions.to(ids.device) + start
-            top[0, at] = row.ids.to(ids.device, torch.long)
-            logp[0, at] = row.logp.to(ids.device, torch.float32)
+            at = row.positions + start
+            top[0, at] = row.ids.long()
+            logp[0, at] = row.logp.float()
             mask[0, at] = True
-        return cls(top, logp, mask, weight)
+        return cls(top.to(device), logp.to(device), mask.to(device), weight)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import errno
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,20 +67,9 @@ def _train(config, run: RunDir, resume, show_progress, world_size, writer, callb
         record.start()
         tracker = start_training_run(config, run, record, resume)
         _log_setup(record.info, config)
+    job = TrainingJob(config, run, record, tracker, data, started)
     try:
-        _fit(
-            config,
-            run,
-            record,
-            tracker,
-            model,
-            tokenizer,
-            data,
-            resume,
-            show_progress,
-            started,
-            callbacks,
-        )
+        _fit(job, model, tokenizer, resume, show_progress, callbacks)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             record.interrupt("aborted (Ctrl-C)")
@@ -117,12 +107,23 @@ def _log_setup(info: dict, config: Config) -> None:
     )
 
 
-def _fit(
-    config, run, record, tracker, model, tokenizer, data, resume, show_progress, started, extra
-):
+@dataclass
+class TrainingJob:
+    """What one training writes to and reads from, from start to saved adapter."""
+
+    config: Config
+    run: RunDir
+    record: RunRecord
+    tracker: Tracker
+    data: TrainingData
+    started: float  # time.time() at the start, for run.json's wall_s
+
+
+def _fit(job: TrainingJob, model, tokenizer, resume: bool, show_progress: bool, extra: list):
     """Build the trainer, train (resuming from the last complete checkpoint), save the adapter."""
     from lorafit.trainer import GracefulStop, LorafitTrainer, MetricsCallback, sft_config
 
+    config, run, record, tracker, data = job.config, job.run, job.record, job.tracker, job.data
     info = record.info
     metrics = MetricsCallback(run.metrics_file, tracker, show_progress, record.writer)
     stop = GracefulStop()
@@ -179,7 +180,7 @@ def _fit(
     record.complete(
         distributed=ranks,
         lora={"trainable_params": trainable, "total_params": total},
-        results=_results(trainer, result, info, started),
+        results=_results(trainer, result, info, job.started),
     )
     plot_loss(run.metrics_file, run.loss_plot)
     tracker.log_metrics({**record.info["results"], **record.info["lora"]}, step)
