@@ -34,7 +34,7 @@ $(TOOLS): $(STAMP)
 
 test: setup $(TOOLS)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

@@ -23,12 +23,28 @@ SEEDED_TOOLS = ROOT / ".venv" / "lorafit-home" / "tools"
 def pytest_configure(config):
     """Tests track into a throwaway MLflow store, never the checkout's runs/mlflow.db, and
     cache into a throwaway LORAFIT_HOME, never ~/.cache/lorafit: results do not depend on what
-    an earlier run left there, and the embedded model is materialized once per session."""
+    an earlier run left there, and the embedded model is materialized once per session.
+
+    Under pytest-xdist (`make test` runs two workers) the workers share the session's
+    LORAFIT_HOME (lorafit's caches are safe for several processes at once, as a user's two
+    terminals need) and each has its own tracking store."""
     import tempfile
 
-    config._lorafit_tmp = Path(tempfile.mkdtemp(prefix="lorafit-tests-"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{config._lorafit_tmp / 'mlflow.db'}"
-    home = config._lorafit_tmp / "home"
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        # one compute thread per worker (and per command it starts): two processes of two
+        # OpenMP threads each on two cores spin against each other; a training that takes
+        # 90 s alone took over 10 min so
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, "1")
+    if worker and os.environ.get("LORAFIT_TEST_TMP"):
+        tmp = Path(os.environ["LORAFIT_TEST_TMP"])  # made by the controller, removed by it
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / f'mlflow-{worker}.db'}"
+        return
+    config._lorafit_tmp = tmp = Path(tempfile.mkdtemp(prefix="lorafit-tests-"))
+    os.environ["LORAFIT_TEST_TMP"] = str(tmp)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    home = tmp / "home"
     home.mkdir()
     if SEEDED_TOOLS.is_dir():
         (home / "tools").symlink_to(SEEDED_TOOLS, target_is_directory=True)
@@ -41,6 +57,26 @@ def pytest_unconfigure(config):
     tmp = getattr(config, "_lorafit_tmp", None)
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# The longest files first: `make test` hands whole files to two workers (--dist loadfile, so a
+# module's fixtures run once), and a long file started last would end the suite alone.
+LONGEST_FIRST = (
+    "test_e2e.py",
+    "test_ui.py",
+    "test_reliability.py",
+    "test_outputs.py",
+    "test_distributed.py",
+    "test_offline.py",
+    "test_resume.py",
+    "test_installed.py",
+    "test_notebook.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable
 
 
 @pytest.fixture(scope="session")
