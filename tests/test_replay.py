@@ -150,3 +150,26 @@ def test_generated_data_has_unknown_terms_in_train_and_a_held_out_file(tmp_path)
 )
 def test_refusal_judge(answer, refused):
     assert refuses(answer) is refused
+
+
+def test_several_processes_skip_the_base_distributions(monkeypatch):
+    """Under several processes TRL's own loss trains (no KL term): the base distributions,
+    a forward pass per replay row, are not computed there, and run.json's replay says so."""
+    from pathlib import Path
+
+    from lorafit.config import load_config
+    from lorafit.data import prepare
+
+    config = load_config("demo", [])
+    assert config.data.replay_kl > 0
+    monkeypatch.setattr(prepare, "replay_rows", lambda *a: (["row"], {"rows": 1}))
+    monkeypatch.setattr(prepare, "base_distributions", lambda model, rows: {"row": "teacher"})
+    one = prepare.TrainingData(train=[], eval=None, info={})
+    one.add_replay(config, None, None, Path("."), world_size=1)
+    assert one.teachers == {"row": "teacher"} and one.info["replay"]["kl_rows"] == 1
+
+    monkeypatch.setattr(prepare, "base_distributions", lambda *a: pytest.fail("computed"))
+    two = prepare.TrainingData(train=[], eval=None, info={})
+    two.add_replay(config, None, None, Path("."), world_size=2)
+    assert two.teachers == {} and two.train == ["row"]  # the replay rows still train
+    assert two.info["replay"]["kl_rows"] == 0 and two.info["replay"]["kl_weight"] == 0
