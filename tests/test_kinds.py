@@ -47,7 +47,7 @@ def test_no_held_out_question_fits_a_training_template_of_its_kind(pairs):
         "expand": k.EXPAND_TRAIN + k.EXPAND_REVERSE_TRAIN,
         "reverse": k.REVERSE_TRAIN,
         "compare": k.COMPARE_TRAIN,
-        "followup": tuple(k.FOLLOWUP_TRAIN.values()),
+        "followup": tuple(t for wordings in k.FOLLOWUP_TRAIN.values() for t in wordings),
         "variant": k.VARIANT_TRAIN,
     }
 
