@@ -105,27 +105,15 @@ def which_question(definition: str) -> str | None:
 
 # where a "Which ...?" question may stop short of its clause's end: before a phrase that only
 # narrows it down (not "or", "that", "of": "certifies a new | or repaired part" reads wrong)
-_CUT = frozenset(
-    [
-        "to",
-        "for",
-        "from",
-        "in",
-        "on",
-        "by",
-        "after",
-        "before",
-        "when",
-        "with",
-        "without",
-        "across",
-        "at",
-        "into",
-        "until",
-        "between",
-        "and",
-    ]
-)
+_CUT = (_BOUNDARY - {"that", "which", "who", "where", "of"}) | {
+    "without",
+    "across",
+    "at",
+    "into",
+    "until",
+    "between",
+    "and",
+}
 
 
 def which_questions_to_train(definition: str, others: list[str]) -> list[str]:
