@@ -212,7 +212,7 @@ def test_a_training_that_dies_before_it_begins_says_so(app_client):
         first = next(line for line in events.iter_lines() if line.startswith("data: "))
     state = json.loads(first[len("data: ") :])
     assert state["status"] == "failed" and not state["running"]
-    assert "before it began (exit code 2)" in state["error"]
+    assert "ended before it began (exit code 2)" in state["error"]
     assert "missing.yaml" in state["log"]  # the reason, in the log the page opens
     assert 'id="status">failed<' in client.get("/train?run=doomed").text
 

@@ -183,16 +183,30 @@ class Workspace:
 
     def train_status(self, run: str) -> tuple[str, Job | None, str]:
         """The run's status as its Train page shows it, its latest training job, and what went
-        wrong when that process ended without saying so in run.json (a bad setting caught
-        before run.json exists, or a kill): "failed" then, never "starting" for good."""
+        wrong when that process ended without saying so in run.json. Before run.json exists (a
+        bad setting caught at start) that is "failed", never "starting" for good; after, the
+        status stays run.json's (the run may have been resumed from a terminal) with a notice."""
         folder = self.run_dir(run)
         job = next((j for j in self.jobs() if j.run == run and j.kind == "train"), None)
         status = folder.info().get("status") if folder.info_file.is_file() else None
         if job is None or job.alive() or status not in (None, "new", "running"):
             return status or "starting", job, ""
         code = "unknown" if job.returncode is None else job.returncode
-        when = "before it began" if status is None else "without saving its state"
-        return "failed", job, f"the training process ended {when} (exit code {code}): see its log"
+        if status is None:
+            return (
+                "failed",
+                job,
+                f"the training ended before it began (exit code {code}): see its log",
+            )
+        return (
+            status,
+            job,
+            (
+                f"the training this app started has ended (exit code {code}) without marking the run "
+                "finished: unless it was resumed from a terminal, it was killed; Resume continues "
+                "from its last checkpoint"
+            ),
+        )
 
     def tail(self, job: Job, lines: int = 30) -> str:
         path = self.log_file(job)
