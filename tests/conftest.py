@@ -36,7 +36,7 @@ def pytest_configure(config):
         # OpenMP threads each on two cores spin against each other; a training that takes
         # 90 s alone took over 10 min so
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(name, "1")
+            os.environ[name] = "1"
     if worker and os.environ.get("LORAFIT_TEST_TMP"):
         tmp = Path(os.environ["LORAFIT_TEST_TMP"])  # made by the controller, removed by it
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / f'mlflow-{worker}.db'}"

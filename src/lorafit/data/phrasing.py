@@ -104,12 +104,12 @@ def which_question(definition: str) -> str | None:
 
 
 # where a "Which ...?" question may stop short of its clause's end: before a phrase that only
-# narrows it down (not "or", "that", "of": "certifies a new | or repaired part" reads wrong)
+# narrows it down (not "or", "that", "of": "certifies a new | or repaired part" reads wrong;
+# not "into": "turns demand and stock | into planned orders" says another thing)
 _CUT = (_BOUNDARY - {"that", "which", "who", "where", "of"}) | {
     "without",
     "across",
     "at",
-    "into",
     "until",
     "between",
     "and",
@@ -120,17 +120,25 @@ def which_questions_to_train(definition: str, others: list[str]) -> list[str]:
     """ "Which <noun> <verb> ...?" questions for training that the held-out one never is: the
     held-out clause cut at its first natural break that no other definition in ``others``
     shares ("Which SAP transaction creates a purchase order?"; a cut two terms share would
-    teach one question two answers), and any earlier clause of that shape whole."""
+    teach one question two answers), and any earlier clause of that shape whole, where no
+    other definition has it. A cut inside a list ("stock, demand | and planned supply") is
+    no break."""
+
+    def unique(said: str) -> bool:
+        return not any(said.lower() in other.lower() for other in others)
+
     found = [shape for clause in clauses(definition) if (shape := _relative(clause))]
     if not found:
         return []
-    out = ["Which {} {} {}?".format(*shape) for shape in found[:-1]]
+    out = [f"Which {n} {v} {r}?" for n, v, r in found[:-1] if unique(f"{v} {r}")]
     noun, verb, rest = found[-1]
     words = rest.split()
     for i in range(2, len(words)):
         if words[i].lower() in _CUT or words[i - 1].endswith(","):
             short = " ".join(words[:i]).rstrip(",")
-            if not any(f"{verb} {short}".lower() in other.lower() for other in others):
+            if "," in short and words[i].lower() == "and":
+                continue
+            if unique(f"{verb} {short}"):
                 out.append(f"Which {noun} {verb} {short}?")
                 break
     return out

@@ -183,13 +183,23 @@ class Workspace:
 
     def train_status(self, run: str) -> tuple[str, Job | None, str]:
         """The run's status as its Train page shows it, its latest training job, and what went
-        wrong when that process ended without saying so in run.json. Before run.json exists (a
-        bad setting caught at start) that is "failed", never "starting" for good; after, the
-        status stays run.json's (the run may have been resumed from a terminal) with a notice."""
+        wrong when that process ended without saying so in run.json. Before this job wrote
+        run.json (a bad setting caught at start; a run.json older than the job is an earlier
+        attempt's) that is "failed", never "starting" for good; after, the status stays
+        run.json's (the run may have been resumed from a terminal) with a notice."""
         folder = self.run_dir(run)
         job = next((j for j in self.jobs() if j.run == run and j.kind == "train"), None)
-        status = folder.info().get("status") if folder.info_file.is_file() else None
-        if job is None or job.alive() or status not in (None, "new", "running"):
+        alive = bool(job and job.alive())  # before run.json is read: it may finish meanwhile
+        if job and not alive and job.returncode is not None:
+            self.save(job)  # its exit code, reaped just now, for every later reader
+        status = None
+        if folder.info_file.is_file() and (
+            job is None or folder.info_file.stat().st_mtime >= job.started
+        ):
+            status = folder.info().get("status")
+        if job is None:
+            return status or ("starting" if folder.path.is_dir() else "-"), None, ""
+        if alive or status not in (None, "new", "running"):
             return status or "starting", job, ""
         code = "unknown" if job.returncode is None else job.returncode
         if status is None:
