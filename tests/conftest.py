@@ -60,10 +60,13 @@ def pytest_unconfigure(config):
 
 
 # The longest files first: `make test` hands whole files to two workers (--dist loadfile, so a
-# module's fixtures run once), and a long file started last would end the suite alone.
+# module's fixtures run once), and a long file started last would end the suite alone. xdist
+# queues two files per worker at the start, the first and the third to one worker: a short
+# third keeps the next long file off the worker that has the longest (e2e, ~14 min of 19).
 LONGEST_FIRST = (
     "test_e2e.py",
     "test_ui.py",
+    "test_structure.py",
     "test_reliability.py",
     "test_outputs.py",
     "test_distributed.py",
