@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from lorafit.config import KINDS
 from lorafit.data.glossary import Glossary, Term
@@ -197,6 +198,12 @@ class Generator:
     glossary: Glossary
     seed: int = 0
 
+    @cached_property
+    def _lowered(self) -> list[tuple[Term, str]]:
+        """Each term's definition in lower case, once (every reverse question checks its cuts
+        against all the others: lowering them per check was glossary-size squared work)."""
+        return [(t, t.definition.lower()) for t in self.glossary.terms]
+
     def rng(self, *parts: object) -> random.Random:
         return random.Random(":".join(str(p) for p in (self.seed, *parts)))
 
@@ -245,7 +252,7 @@ class Generator:
             prompts = [question] if question else []
             prompts += [t.format(f=parts[-1]) for t in templates]
         else:
-            others = [t.definition for t in self.glossary.terms if t is not term]
+            others = [d for t, d in self._lowered if t is not term]
             prompts = which_questions_to_train(term.definition, others)
             descriptions = [whole]
             if len(parts) > 1:

@@ -118,14 +118,16 @@ _CUT = (_BOUNDARY - {"that", "which", "who", "where", "of"}) | {
 
 def which_questions_to_train(definition: str, others: list[str]) -> list[str]:
     """ "Which <noun> <verb> ...?" questions for training that the held-out one never is: the
-    held-out clause cut at its first natural break that no other definition in ``others``
+    held-out clause cut at its first natural break that no other definition in ``others`` (in
+    lower case)
     shares ("Which SAP transaction creates a purchase order?"; a cut two terms share would
     teach one question two answers), and any earlier clause of that shape whole, where no
     other definition has it. A cut inside a list ("stock, demand | and planned supply") is
     no break."""
 
     def unique(said: str) -> bool:
-        return not any(said.lower() in other.lower() for other in others)
+        said = said.lower()
+        return not any(said in other for other in others)
 
     found = [shape for clause in clauses(definition) if (shape := _relative(clause))]
     if not found:
