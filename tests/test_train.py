@@ -279,6 +279,31 @@ def test_base_answers_come_from_the_cache_the_second_time(tiny_run, tmp_path, mo
     no_cache = EvalSection(max_new_tokens=8, cache_base_answers=False)
     evaluate_module.evaluate(tiny_run, data, tmp_path / "c", no_cache, probes=None)
     assert calls == [3, 3]
+    # answers computed in another precision are other answers: not taken from the fp32 cache
+    calls.clear()
+    for precision in ("fp32", "bf16", "bf16"):
+        settings = EvalSection(max_new_tokens=8, precision=precision)
+        out = evaluate_module.evaluate(tiny_run, data, tmp_path / precision, settings, probes=None)
+        assert out["precision"] == precision
+    assert calls == [3, 3, 3, 3]  # fp32 tuned; bf16 base + tuned; bf16 tuned
+
+
+def test_generate_computes_in_the_precision_asked(tiny_model_dir, tokenizer):
+    """eval.precision bf16 autocasts a float32 model (about 2x faster on a CPU with native
+    bf16); fp32 leaves it in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.inference import chat_prompt, generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    prompts = [chat_prompt("What is EEC?", None)]
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        seen.clear()
+        generate(model, tokenizer, prompts, 3, precision=precision)
+        assert seen and set(seen) == {dtype}
 
 
 def test_merge_refuses_to_write_when_parity_fails(tiny_run, tmp_path, monkeypatch):

@@ -22,8 +22,9 @@ from lorafit.paths import exclusive_lock, lorafit_home
 FOLDER = "answers"
 
 
-def model_key(base_record: dict, model) -> str:
-    """What decides the base model's greedy answers, as one hash."""
+def model_key(base_record: dict, model, precision: str = "fp32") -> str:
+    """What decides the base model's greedy answers, as one hash (``precision``: the autocast
+    they are computed in; fp32 keeps the keys cached before it was a setting)."""
     from importlib.metadata import version
 
     from lorafit.model import cpu_has_bf16
@@ -37,6 +38,8 @@ def model_key(base_record: dict, model) -> str:
         "transformers": version("transformers"),
         "machine": [platform.machine(), cpu_has_bf16()],
     }
+    if precision != "fp32":
+        identity["precision"] = precision
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -380,6 +380,13 @@ def eval_cmd(
     batch_size: Annotated[
         int | None, typer.Option(help="Prompts generated together (eval.batch_size).")
     ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (bf16 where the hardware has it natively, ~2x faster on such CPUs), "
+            "fp32 or bf16 (eval.precision)."
+        ),
+    ] = None,
     no_probes: Annotated[
         bool, typer.Option("--no-probes", help="Skip the general-ability probe set.")
     ] = False,
@@ -406,6 +413,7 @@ def eval_cmd(
         "eval.limit": limit,
         "eval.max_new_tokens": max_new_tokens,
         "eval.batch_size": batch_size,
+        "eval.precision": precision,
     }
     cfg = _config(config or RunDir.existing(run_dir).config_file, sets, flags)
     with answer_progress() as progress:

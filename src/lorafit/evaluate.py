@@ -28,6 +28,7 @@ from lorafit.data.tokenize import with_system
 from lorafit.errors import LorafitError
 from lorafit.inference import chat_prompt, generate, load_for_inference
 from lorafit.judge import KEY_RECALL, judge, judge_kind, probe_correct, refuses, rouge_l
+from lorafit.model import resolve_precision
 from lorafit.report import render as render_html
 from lorafit.report import report_md
 from lorafit.rundir import RunDir, write_json
@@ -70,9 +71,15 @@ def read_probes(path: str | Path) -> list[dict]:
 
 
 def answer_sets(
-    loaded, jobs: list[tuple[list, int]], batch_size: int, progress=None, base_record=None
+    loaded,
+    jobs: list[tuple[list, int]],
+    batch_size: int,
+    progress=None,
+    base_record=None,
+    precision: str = "fp32",
 ):
-    """[(base answers, tuned answers)] for each (prompts, max_new_tokens) job.
+    """[(base answers, tuned answers)] for each (prompts, max_new_tokens) job, computed in
+    ``precision`` (lorafit.inference.autocast_for).
 
     ``progress(done, total)`` is called after every generated batch.
 
@@ -92,13 +99,15 @@ def answer_sets(
 
         progress = advance
     with model.disable_adapter():
-        key = model_key(base_record, model) if base_record else None
+        key = model_key(base_record, model, precision) if base_record else None
         base = [
             cached_answers(
                 key,
                 p,
                 n,
-                lambda todo, n=n: generate(model, tok, todo, n, batch_size, progress),
+                lambda todo, n=n: generate(
+                    model, tok, todo, n, batch_size, progress, precision=precision
+                ),
                 progress,
             )
             for p, n in jobs
@@ -111,7 +120,9 @@ def answer_sets(
     if merge:
         model.merge_adapter()
     try:
-        tuned = [generate(model, tok, p, n, batch_size, progress) for p, n in jobs]
+        tuned = [
+            generate(model, tok, p, n, batch_size, progress, precision=precision) for p, n in jobs
+        ]
     finally:
         if merge:
             model.unmerge_adapter()
@@ -194,7 +205,8 @@ def evaluate(
     if unknown_examples:
         jobs.append(([with_system(e, system) for e in unknown_examples], settings.max_new_tokens))
     base_record = run.info().get("base_model") if settings.cache_base_answers else None
-    answers = answer_sets(loaded, jobs, settings.batch_size, progress, base_record)
+    precision = resolve_precision(settings.precision, str(next(loaded.model.parameters()).device))
+    answers = answer_sets(loaded, jobs, settings.batch_size, progress, base_record, precision)
     rows = prediction_rows(examples, *answers.pop(0))
     metrics = {
         "base": score(rows, "base"),
@@ -202,6 +214,7 @@ def evaluate(
         "n": len(rows),
         "data": str(data),
         "judge": f"key-word recall >= {KEY_RECALL}; per kind: lorafit.judge.judge_kind",
+        "precision": precision,
     }
     out = Path(output) if output else run.eval_dir
     out.mkdir(parents=True, exist_ok=True)

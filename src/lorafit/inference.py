@@ -70,11 +70,13 @@ def generate(
     batch_size: int = 48,
     progress=None,
     with_ids: bool = False,
+    precision: str = "fp32",
 ) -> list[tuple]:
     """Greedy answers for chat prompts: [(text, stopped_by_itself)], in input order
     (``with_ids``: [(text, stopped, generated token ids up to and with the end token)]).
 
     Prompts are batched by length (left padding) so little compute goes to padding.
+    ``precision`` bf16/fp16 autocasts a float32 model (see :func:`autocast_for`).
     """
     import torch
 
@@ -90,7 +92,7 @@ def generate(
             texts = [_prompt_text(tokenizer, prompts[i]) for i in idx]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
-            with torch.no_grad():
+            with torch.no_grad(), autocast_for(model, precision):
                 out = model.generate(
                     **enc,
                     max_new_tokens=max_new_tokens,
@@ -112,6 +114,23 @@ def generate(
     finally:
         tokenizer.padding_side = pad_side
     return results
+
+
+def autocast_for(model, precision: str):
+    """Autocast to ``precision`` (bf16/fp16) where the weights are float32; a no-op for fp32
+    and for weights already held in half precision or quantized (their own compute dtype)."""
+    import contextlib
+
+    import torch
+
+    from lorafit.loss import _causal_lm
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    param = next(model.parameters())
+    quantized = getattr(_causal_lm(model), "hf_quantizer", None) is not None
+    if precision not in dtypes or param.dtype != torch.float32 or quantized:
+        return contextlib.nullcontext()
+    return torch.autocast(param.device.type, dtype=dtypes[precision])
 
 
 def chat_prompt(question: str, system_prompt: str | None, history=None) -> list[dict[str, str]]:
