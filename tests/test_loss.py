@@ -238,6 +238,28 @@ def test_replay_kl_is_zero_for_the_base_model_and_grows_as_the_model_moves(
     assert _kl_term(moved, batch, teachers, shared=True) == pytest.approx(kl, rel=1e-3)
 
 
+def test_base_distributions_batched_equal_one_row_at_a_time(tiny_model_dir, tokenizer):
+    """Rows of different lengths go through the base model together, right-padded: their
+    top tokens and log-probabilities are those of one forward per row."""
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.data.prepare import base_distributions
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rows = []
+    for prompt, response in QUESTIONS:
+        example = Example(prompt=({"role": "user", "content": prompt},), answer=response)
+        rows.append(tokenize_example(tokenizer, example, 256, None)[0])
+    assert len({len(r.input_ids) for r in rows}) > 1
+    alone = base_distributions(model, rows + rows[:1], k=16, batch=1)  # a repeat counts once
+    together = base_distributions(model, rows, k=16, batch=16)
+    assert alone.keys() == together.keys() and len(together) == len(rows)
+    for key, teacher in alone.items():
+        assert torch.equal(teacher.positions, together[key].positions)
+        assert torch.equal(teacher.ids, together[key].ids)
+        assert torch.allclose(teacher.logp.float(), together[key].logp.float(), atol=2e-3)
+
+
 def test_replay_kl_pulls_the_model_back_towards_the_base(tiny_model_dir, tokenizer):
     """A gradient step on the KL term alone lowers it: the term restores the base model's
     distribution instead of only adding a constant."""

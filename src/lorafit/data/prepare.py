@@ -19,6 +19,7 @@ from lorafit.config import Config, TrainSection
 from lorafit.data.formats import read_dataset
 from lorafit.data.tokenize import Tokenized, tokenize_all
 from lorafit.errors import LorafitError
+from lorafit.model import resolve_precision
 from lorafit.rundir import file_sha256
 from lorafit.shipped import REPLAY_PROMPTS, resolve
 
@@ -57,35 +58,55 @@ class TrainingData:
                 world_size,
             )
         elif rows and config.data.replay_kl:
-            self.teachers = base_distributions(model, rows)
+            device = str(next(model.parameters()).device)
+            precision = resolve_precision(config.train.precision, device)
+            self.teachers = base_distributions(model, rows, precision=precision)
             info["kl_weight"], info["kl_rows"] = config.data.replay_kl, len(self.teachers)
 
 
-def base_distributions(model, rows: list[Tokenized], k: int = TEACHER_TOP_K) -> dict:
-    """{row token ids: RowTeacher} from the base model (before any adapter exists), one
-    forward pass per distinct row."""
+def base_distributions(
+    model, rows: list[Tokenized], k: int = TEACHER_TOP_K, precision: str = "fp32", batch: int = 16
+) -> dict:
+    """{row token ids: RowTeacher} from the base model (before any adapter exists): each
+    distinct row once, ``batch`` rows of similar length per forward (right padding leaves the
+    real positions as they are), the vocabulary head only where a label is predicted, in the
+    ``precision`` training computes in (so that the KL term starts at 0)."""
     import torch
 
-    from lorafit.loss import RowTeacher
+    from lorafit.inference import autocast_for
+    from lorafit.loss import RowTeacher, _causal_lm
 
-    out: dict[tuple[int, ...], RowTeacher] = {}
+    distinct: dict[tuple[int, ...], list[int]] = {}
+    for row in rows:
+        at = [p for p, label in enumerate(row.labels) if p and label != -100]
+        if at:
+            distinct.setdefault(tuple(row.input_ids), at)
+    keys = sorted(distinct, key=len)
+    lm = _causal_lm(model)
+    backbone = getattr(lm, lm.base_model_prefix)
     device = next(model.parameters()).device
+    out: dict[tuple[int, ...], RowTeacher] = {}
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for row in rows:
-            key = tuple(row.input_ids)
-            if key in out:
-                continue
-            at = [p for p, label in enumerate(row.labels) if p and label != -100]
-            if not at:
-                continue
-            logits = model(input_ids=torch.tensor([row.input_ids], device=device)).logits[0]
-            before = torch.tensor(at, device=device) - 1  # the logits that predict label p
-            top = torch.log_softmax(logits[before].float(), dim=-1).topk(k)
-            out[key] = RowTeacher(
-                torch.tensor(at), top.indices.cpu().to(torch.int32), top.values.cpu().half()
-            )
+    with torch.no_grad(), autocast_for(model, precision):
+        for start in range(0, len(keys), batch):
+            group = keys[start : start + batch]
+            width = len(group[-1])
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros(len(group), width, dtype=torch.long)
+            for i, key in enumerate(group):
+                ids[i, : len(key)], mask[i, : len(key)] = torch.tensor(key), 1
+            hidden = backbone(
+                input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+            ).last_hidden_state
+            for i, key in enumerate(group):
+                at = distinct[key]
+                before = torch.tensor(at, device=device) - 1  # the states that predict label p
+                logits = lm.get_output_embeddings()(hidden[i, before]).float()
+                top = torch.log_softmax(logits, dim=-1).topk(k)
+                out[key] = RowTeacher(
+                    torch.tensor(at), top.indices.cpu().to(torch.int32), top.values.cpu().half()
+                )
     if was_training:
         model.train()
     return out
