@@ -98,6 +98,9 @@ REVERSE_TRAIN = (
     "What is the term for {f}?",
     "Which term means {f}?",
     "What's the name for {f}?",
+    "What is {f} called?",
+    "Tell me the name of {f}.",
+    "Name the term for {f}.",
 )
 REVERSE_HELD_OUT = (
     "Is there a term for {f}?",
@@ -266,6 +269,9 @@ class Generator:
                 for i, t in enumerate(templates * 3)
                 for d in [descriptions[i % len(descriptions)]]
             ]
+            # two descriptions cycle with four templates in a period of four: the rest of
+            # their pairings follow, so `count` is reached wherever there are enough
+            pairs += [(d, t) for t in templates for d in descriptions]
             prompts = list(dict.fromkeys(prompts + [t.format(f=d) for d, t in pairs]))
         answer = f"That is {name_of(term)}."
         facts = {"names": self.names(term), "others": self.other_names(term)}

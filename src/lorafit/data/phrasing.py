@@ -135,7 +135,10 @@ def which_questions_to_train(definition: str, others: list[str]) -> list[str]:
     out = [f"Which {n} {v} {r}?" for n, v, r in found[:-1] if unique(f"{v} {r}")]
     noun, verb, rest = found[-1]
     words = rest.split()
-    for i in range(2, len(words)):
+    # a cut keeps two words or more, one where there is no later break ("Which shops and
+    # services keep aircraft?"), none that keeps only an article
+    one_word = [] if words[0].lower() in _NOT_A_VERB else [1]
+    for i in [*range(2, len(words)), *one_word]:
         if words[i].lower() in _CUT or words[i - 1].endswith(","):
             short = " ".join(words[:i]).rstrip(",")
             if "," in short and words[i].lower() == "and":
