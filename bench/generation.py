@@ -2,8 +2,10 @@
 (machines drift):
 
 - ``--compare precision`` (default): float32 vs bf16 autocast (``eval.precision``). Measured on
-  a 2-core AMD EPYC with AVX512-BF16, the demo's 444 held-out prompts on its tuned model:
-  127 s vs 63 s (2.0x), 439 of 444 answers identical.
+  a 2-core AMD EPYC with AVX512-BF16, on a tuned demo run (``--model runs/demo-*/run --prompts
+  444 --rounds 1``: the 204 held-out "what is X?" prompts this script builds): 52.9 s vs 31.5 s
+  (1.68x), 204 of 204 answers identical. The same calls on the demo's whole held-out set (444
+  questions of every kind, a scratch script): 127 s vs 63 s, 439 of 444 identical.
 - ``--compare cache``: transformers' default growing KV cache (what lorafit uses) vs a
   preallocated (static) cache. Measured on the same kind of machine (96 held-out prompts, 64
   new tokens, best of 2): 29.6 s vs 29.7 s, identical answers. The profile's cache

@@ -124,10 +124,10 @@ def test_held_out_made_up_terms_do_not_depend_on_how_many_are_trained():
     assert not {p.prompt for p in many} & {p.prompt for p in held_out}
 
 
-def test_default_is_three_made_up_terms_per_glossary_term(tmp_path):
+def test_default_is_two_made_up_terms_per_glossary_term(tmp_path):
     _, _, n_train, _ = write_generated(GLOSSARY, tmp_path, unknown_eval=1)
     train = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
-    assert sum(refuses(r["response"]) for r in train) == 3 * len(GLOSSARY.terms)
+    assert sum(refuses(r["response"]) for r in train) == 2 * len(GLOSSARY.terms)
     assert len(train) == n_train
 
 
@@ -163,7 +163,7 @@ def test_several_processes_skip_the_base_distributions(monkeypatch):
     config = load_config("demo", [])
     assert config.data.replay_kl > 0
     monkeypatch.setattr(prepare, "replay_rows", lambda *a: (["row"], {"rows": 1}))
-    monkeypatch.setattr(prepare, "base_distributions", lambda model, rows: {"row": "teacher"})
+    monkeypatch.setattr(prepare, "base_distributions", lambda model, rows, **_: {"row": "teacher"})
     one = prepare.TrainingData(train=[], eval=None, info={})
     one.add_replay(config, None, None, Path("."), world_size=1)
     assert one.teachers == {"row": "teacher"} and one.info["replay"]["kl_rows"] == 1

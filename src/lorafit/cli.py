@@ -129,7 +129,7 @@ def data_generate(
         int | None,
         typer.Option(
             help="Train questions about made-up terms, answered 'I don't know' "
-            "(default: three per glossary term).",
+            "(default: two per glossary term).",
             min=0,
         ),
     ] = None,

@@ -98,7 +98,6 @@ REVERSE_TRAIN = (
     "What is the term for {f}?",
     "Which term means {f}?",
     "What's the name for {f}?",
-    "What is {f} called?",
     "Tell me the name of {f}.",
     "Name the term for {f}.",
 )

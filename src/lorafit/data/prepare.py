@@ -58,9 +58,7 @@ class TrainingData:
                 world_size,
             )
         elif rows and config.data.replay_kl:
-            device = str(next(model.parameters()).device)
-            precision = resolve_precision(config.train.precision, device)
-            self.teachers = base_distributions(model, rows, precision=precision)
+            self.teachers = base_distributions(model, rows, precision=config.train.precision)
             info["kl_weight"], info["kl_rows"] = config.data.replay_kl, len(self.teachers)
 
 
@@ -70,7 +68,8 @@ def base_distributions(
     """{row token ids: RowTeacher} from the base model (before any adapter exists): each
     distinct row once, ``batch`` rows of similar length per forward (right padding leaves the
     real positions as they are), the vocabulary head only where a label is predicted, in the
-    ``precision`` training computes in (so that the KL term starts at 0)."""
+    ``precision`` training computes in (train.precision, 'auto' resolved here: so that the KL
+    term starts at 0)."""
     import torch
 
     from lorafit.inference import autocast_for
@@ -85,6 +84,7 @@ def base_distributions(
     lm = _causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
     device = next(model.parameters()).device
+    precision = resolve_precision(precision, str(device))
     out: dict[tuple[int, ...], RowTeacher] = {}
     was_training = model.training
     model.eval()
