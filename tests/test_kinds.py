@@ -95,6 +95,15 @@ def test_training_asks_which_questions_the_held_out_set_never_asks(pairs):
     assert reverse_train["Which shops and services keep aircraft?"] == "MRO"
 
 
+def test_a_which_clause_of_one_word_after_its_verb_generates():
+    """ "A company that builds aircraft." leaves one word after the verb: nothing to cut (the
+    one-word cut once indexed past it and stopped `data generate`)."""
+    from lorafit.data.phrasing import which_questions_to_train
+
+    assert which_questions_to_train("A company that builds aircraft.", []) == []
+    assert which_question("A company that builds aircraft.") == "Which company builds aircraft?"
+
+
 def test_reverse_training_reaches_its_count():
     """A one-clause definition has two descriptions (whole, opening) for the templates: cycled
     together with four templates they repeated after four questions, which held reverse at 4

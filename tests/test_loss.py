@@ -257,7 +257,8 @@ def test_base_distributions_batched_equal_one_row_at_a_time(tiny_model_dir, toke
     for key, teacher in alone.items():
         assert torch.equal(teacher.positions, together[key].positions)
         assert torch.equal(teacher.ids, together[key].ids)
-        assert torch.allclose(teacher.logp.float(), together[key].logp.float(), atol=2e-3)
+        # stored in float16: one step near -11 is 2**-7, so allow one
+        assert torch.allclose(teacher.logp.float(), together[key].logp.float(), atol=1e-2)
 
 
 def test_replay_kl_pulls_the_model_back_towards_the_base(tiny_model_dir, tokenizer):

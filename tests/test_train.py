@@ -279,13 +279,16 @@ def test_base_answers_come_from_the_cache_the_second_time(tiny_run, tmp_path, mo
     no_cache = EvalSection(max_new_tokens=8, cache_base_answers=False)
     evaluate_module.evaluate(tiny_run, data, tmp_path / "c", no_cache, probes=None)
     assert calls == [3, 3]
-    # answers computed in another precision are other answers: not taken from the fp32 cache
+    # answers computed in another precision are other answers: never taken from the other's
+    # cache (the runs above were "auto": fp32 or bf16 by machine, so this one starts afresh)
     calls.clear()
+    fresh = str(tmp_path / "fresh-home")
+    monkeypatch.setenv("LORAFIT_HOME", fresh)
     for precision in ("fp32", "bf16", "bf16"):
         settings = EvalSection(max_new_tokens=8, precision=precision)
         out = evaluate_module.evaluate(tiny_run, data, tmp_path / precision, settings, probes=None)
         assert out["precision"] == precision
-    assert calls == [3, 3, 3, 3]  # fp32 tuned; bf16 base + tuned; bf16 tuned
+    assert calls == [3, 3, 3, 3, 3]  # fp32 base + tuned; bf16 base + tuned; bf16 tuned
 
 
 def test_generate_computes_in_the_precision_asked(tiny_model_dir, tokenizer):

@@ -383,8 +383,8 @@ def eval_cmd(
     precision: Annotated[
         str | None,
         typer.Option(
-            help="auto (bf16 where the hardware has it natively, ~2x faster on such CPUs), "
-            "fp32 or bf16 (eval.precision)."
+            help="auto (bf16 where the hardware has it natively, ~2x faster on such CPUs; "
+            "fp16 on older GPUs; else fp32), fp32, bf16 or fp16 (eval.precision)."
         ),
     ] = None,
     no_probes: Annotated[

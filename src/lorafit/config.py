@@ -231,10 +231,11 @@ class EvalSection(_Section):
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="Precision eval's answers are computed in: auto = bf16 autocast where the "
-        "hardware has it natively (about 2x faster on such CPUs, the precision training ran "
-        "in), else fp32; fp32 = full precision (a near-tie can tip the other way between the "
-        "two: 5 of 444 demo answers differed in one word or more).",
+        description="Precision eval's answers are computed in (autocast over float32 "
+        "weights; quantized or half-precision weights keep their own): auto = as "
+        "train.precision auto resolves, bf16 where the hardware has it natively (about 2x "
+        "faster on such CPUs), fp16 on older GPUs, else fp32; fp32 = full precision (a "
+        "near-tie can tip the other way: 5 of 444 demo answers differed).",
     )
 
 

@@ -26,7 +26,7 @@ from lorafit.data.formats import jsonl_lines, read_dataset, write_jsonl
 from lorafit.data.kinds import KINDS
 from lorafit.data.tokenize import with_system
 from lorafit.errors import LorafitError
-from lorafit.inference import chat_prompt, generate, load_for_inference
+from lorafit.inference import applied_precision, chat_prompt, generate, load_for_inference
 from lorafit.judge import KEY_RECALL, judge, judge_kind, probe_correct, refuses, rouge_l
 from lorafit.model import resolve_precision
 from lorafit.report import render as render_html
@@ -205,7 +205,8 @@ def evaluate(
     if unknown_examples:
         jobs.append(([with_system(e, system) for e in unknown_examples], settings.max_new_tokens))
     base_record = run.info().get("base_model") if settings.cache_base_answers else None
-    precision = resolve_precision(settings.precision, str(next(loaded.model.parameters()).device))
+    device = str(next(loaded.model.parameters()).device)
+    precision = applied_precision(loaded.model, resolve_precision(settings.precision, device))
     answers = answer_sets(loaded, jobs, settings.batch_size, progress, base_record, precision)
     rows = prediction_rows(examples, *answers.pop(0))
     metrics = {

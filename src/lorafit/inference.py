@@ -116,21 +116,34 @@ def generate(
     return results
 
 
-def autocast_for(model, precision: str):
-    """Autocast to ``precision`` (bf16/fp16) where the weights are float32; a no-op for fp32
-    and for weights already held in half precision or quantized (their own compute dtype)."""
-    import contextlib
-
+def applied_precision(model, precision: str) -> str:
+    """The precision answers are really computed in when ``precision`` (fp32/bf16/fp16) is
+    asked: bf16/fp16 autocast applies to float32 weights only; weights held in half precision
+    or quantized compute in their own dtype ("fp32" is returned for them: no autocast)."""
     import torch
 
     from lorafit.loss import _causal_lm
 
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    param = next(model.parameters())
-    quantized = getattr(_causal_lm(model), "hf_quantizer", None) is not None
-    if precision not in dtypes or param.dtype != torch.float32 or quantized:
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision {precision!r}: expected fp32, bf16 or fp16 (resolve 'auto')")
+    lm = _causal_lm(model)
+    quantized = getattr(lm, "hf_quantizer", None) is not None
+    full = any(p.dtype == torch.float32 for p in lm.parameters())
+    return precision if full and not quantized else "fp32"
+
+
+def autocast_for(model, precision: str):
+    """Autocast to ``precision`` (bf16/fp16) where :func:`applied_precision` says it applies;
+    a no-op otherwise."""
+    import contextlib
+
+    import torch
+
+    applied = applied_precision(model, precision)
+    if applied == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(param.device.type, dtype=dtypes[precision])
+    dtype = torch.bfloat16 if applied == "bf16" else torch.float16
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
 def chat_prompt(question: str, system_prompt: str | None, history=None) -> list[dict[str, str]]:

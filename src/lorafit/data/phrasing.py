@@ -137,7 +137,7 @@ def which_questions_to_train(definition: str, others: list[str]) -> list[str]:
     words = rest.split()
     # a cut keeps two words or more, one where there is no later break ("Which shops and
     # services keep aircraft?"), none that keeps only an article
-    one_word = [] if words[0].lower() in _NOT_A_VERB else [1]
+    one_word = [1] if len(words) > 1 and words[0].lower() not in _NOT_A_VERB else []
     for i in [*range(2, len(words)), *one_word]:
         if words[i].lower() in _CUT or words[i - 1].endswith(","):
             short = " ".join(words[:i]).rstrip(",")

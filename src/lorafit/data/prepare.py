@@ -72,7 +72,6 @@ def base_distributions(
     term starts at 0)."""
     import torch
 
-    from lorafit.inference import autocast_for
     from lorafit.loss import RowTeacher, _causal_lm
 
     distinct: dict[tuple[int, ...], list[int]] = {}
@@ -88,7 +87,10 @@ def base_distributions(
     out: dict[tuple[int, ...], RowTeacher] = {}
     was_training = model.training
     model.eval()
-    with torch.no_grad(), autocast_for(model, precision):
+    # training autocasts whatever the weights (quantized ones too): so do the targets
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=half, enabled=half is not None)
+    with torch.no_grad(), autocast:
         for start in range(0, len(keys), batch):
             group = keys[start : start + batch]
             width = len(group[-1])
@@ -101,7 +103,7 @@ def base_distributions(
             ).last_hidden_state
             for i, key in enumerate(group):
                 at = distinct[key]
-                before = torch.tensor(at, device=device) - 1  # the states that predict label p
+                before = torch.tensor(at, device=hidden.device) - 1  # states predicting label p
                 logits = lm.get_output_embeddings()(hidden[i, before]).float()
                 top = torch.log_softmax(logits, dim=-1).topk(k)
                 out[key] = RowTeacher(
