@@ -26,7 +26,13 @@ from lorafit.data.formats import jsonl_lines, read_dataset, write_jsonl
 from lorafit.data.kinds import KINDS
 from lorafit.data.tokenize import with_system
 from lorafit.errors import LorafitError
-from lorafit.inference import applied_precision, chat_prompt, generate, load_for_inference
+from lorafit.inference import (
+    applied_precision,
+    chat_prompt,
+    generate,
+    is_quantized,
+    load_for_inference,
+)
 from lorafit.judge import KEY_RECALL, judge, judge_kind, probe_correct, refuses, rouge_l
 from lorafit.model import resolve_precision
 from lorafit.report import render as render_html
@@ -112,11 +118,7 @@ def answer_sets(
             )
             for p, n in jobs
         ]
-    inner = model.get_base_model()
-    quantized = getattr(inner, "hf_quantizer", None) is not None or any(
-        getattr(inner, f"is_loaded_in_{bits}bit", False) for bits in (4, 8)
-    )
-    merge = not quantized
+    merge = not is_quantized(model)
     if merge:
         model.merge_adapter()
     try:

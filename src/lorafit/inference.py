@@ -116,6 +116,16 @@ def generate(
     return results
 
 
+def is_quantized(model) -> bool:
+    """Whether the (possibly PEFT-wrapped) model holds 4/8-bit bitsandbytes weights."""
+    from lorafit.loss import _causal_lm
+
+    lm = _causal_lm(model)
+    return getattr(lm, "hf_quantizer", None) is not None or any(
+        getattr(lm, f"is_loaded_in_{bits}bit", False) for bits in (4, 8)
+    )
+
+
 def applied_precision(model, precision: str) -> str:
     """The precision answers are really computed in when ``precision`` (fp32/bf16/fp16) is
     asked: bf16/fp16 autocast applies to float32 weights only; weights held in half precision
@@ -126,10 +136,8 @@ def applied_precision(model, precision: str) -> str:
 
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision {precision!r}: expected fp32, bf16 or fp16 (resolve 'auto')")
-    lm = _causal_lm(model)
-    quantized = getattr(lm, "hf_quantizer", None) is not None
-    full = any(p.dtype == torch.float32 for p in lm.parameters())
-    return precision if full and not quantized else "fp32"
+    full = any(p.dtype == torch.float32 for p in _causal_lm(model).parameters())
+    return precision if full and not is_quantized(model) else "fp32"
 
 
 def autocast_for(model, precision: str):

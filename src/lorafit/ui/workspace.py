@@ -189,14 +189,17 @@ class Workspace:
         run.json's (the run may have been resumed from a terminal) with a notice."""
         folder = self.run_dir(run)
         job = next((j for j in self.jobs() if j.run == run and j.kind == "train"), None)
-        reaped = job is not None and job.returncode is None
+        code_unknown = job is not None and job.returncode is None
         alive = bool(job and job.alive())  # before run.json is read: it may finish meanwhile
-        if reaped and not alive and job.returncode is not None:
+        if code_unknown and not alive and job.returncode is not None:
             self.save(job)  # its exit code, reaped just now, for every later reader (once)
         status = None
-        if folder.info_file.is_file() and (
-            job is None or folder.info_file.stat().st_mtime >= job.started
-        ):
+        try:  # the stat is the existence check: --overwrite may replace the run meanwhile
+            written = folder.info_file.stat().st_mtime
+        except FileNotFoundError:
+            written = None
+        # a run.json older than this job is an earlier attempt's
+        if written is not None and (job is None or written >= job.started):
             status = folder.info().get("status")
         if job is None:
             return status or ("starting" if folder.path.is_dir() else "-"), None, ""
