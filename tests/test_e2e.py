@@ -43,7 +43,7 @@ def _train(tmp, output: str, replay: float):
 def trained(tmp_path_factory):
     """Without replay: the run most of these tests use (replay only adds CI minutes there)."""
     tmp = tmp_path_factory.mktemp("e2e")
-    # the default made-up terms (two per real one): with one per term, 6 "I don't know" rows
+    # the default made-up terms (24 for six real ones): with one per term, 6 "I don't know" rows
     # among 89 of every question kind, the tuned model invented 58% of the held-out ones
     r = run_cli("data", "generate", str(DATA / "brewing.yaml"), "--out", str(tmp / "data"))
     assert r.returncode == 0, r.stderr

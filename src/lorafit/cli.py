@@ -129,7 +129,7 @@ def data_generate(
         int | None,
         typer.Option(
             help="Train questions about made-up terms, answered 'I don't know' "
-            "(default: two per glossary term).",
+            "(default: two per glossary term, at least 24, at most four per term).",
             min=0,
         ),
     ] = None,
