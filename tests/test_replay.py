@@ -138,6 +138,9 @@ def test_default_is_two_made_up_terms_per_glossary_term_and_at_least_24(tmp_path
         return Glossary(terms=tuple(Term(f"T{i}", "A thing.") for i in range(n)))
 
     assert [default_unknown_terms(sized(n)) for n in (1, 6, 12, 13, 68)] == [4, 24, 24, 26, 136]
+    write_generated(GLOSSARY, tmp_path, unknown_train=0, unknown_eval=1, overwrite=True)
+    train = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert not any(refuses(r["response"]) for r in train)  # asked for none: none
 
 
 def test_generated_data_has_unknown_terms_in_train_and_a_held_out_file(tmp_path):

@@ -309,6 +309,22 @@ def test_generate_computes_in_the_precision_asked(tiny_model_dir, tokenizer):
         assert seen and set(seen) == {dtype}
 
 
+def test_quantized_weights_are_seen_through_the_adapter_and_never_autocast(tiny_model_dir):
+    """Evaluation merges the adapter only into full weights, and records the precision it
+    really computed in: both ask is_quantized, through PEFT's wrapper."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.inference import applied_precision, is_quantized
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not is_quantized(wrapped) and applied_precision(wrapped, "bf16") == "bf16"
+    model.hf_quantizer = object()  # what transformers sets on a 4/8-bit model
+    assert is_quantized(wrapped) and applied_precision(wrapped, "bf16") == "fp32"
+
+
 def test_merge_refuses_to_write_when_parity_fails(tiny_run, tmp_path, monkeypatch):
     import lorafit.merge as merge_module
 

@@ -129,7 +129,8 @@ def data_generate(
         int | None,
         typer.Option(
             help="Train questions about made-up terms, answered 'I don't know' "
-            "(default: two per glossary term, at least 24, at most four per term).",
+            "(default: two per glossary term; a small glossary gets up to 24, never more "
+            "than four per term).",
             min=0,
         ),
     ] = None,

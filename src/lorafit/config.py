@@ -118,8 +118,8 @@ class DataSection(_Section):
         None,
         ge=0,
         description="Made-up terms answered 'I don't know' in data generated from a glossary "
-        "(teaches the model not to invent entries); default two per glossary term, at least "
-        "24 (at most four per term).",
+        "(teaches the model not to invent entries); default two per glossary term, a small "
+        "glossary up to 24 (never more than four per term).",
     )
     replay_max_tokens: int = Field(
         REPLAY_MAX_NEW_TOKENS,

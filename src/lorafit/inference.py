@@ -117,7 +117,9 @@ def generate(
 
 
 def is_quantized(model) -> bool:
-    """Whether the (possibly PEFT-wrapped) model holds 4/8-bit bitsandbytes weights."""
+    """Whether the (possibly PEFT-wrapped) model holds quantized weights (any transformers
+    quantizer; lorafit loads bitsandbytes 4/8-bit): adapters cannot be merged into them, and
+    autocast does not apply."""
     from lorafit.loss import _causal_lm
 
     lm = _causal_lm(model)

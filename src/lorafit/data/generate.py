@@ -79,7 +79,8 @@ UNKNOWN_EVAL_TERMS = 24  # 12 gave a coarse rate: one answer moved it by 8 point
 
 
 def default_unknown_terms(glossary: Glossary) -> int:
-    """Two made-up terms a glossary term, at least 24 in all (four a term at most)."""
+    """Two made-up terms a glossary term; a small glossary gets up to 24 (never more than
+    four a term)."""
     n = len(glossary.terms)
     return max(UNKNOWN_PER_TERM * n, min(UNKNOWN_MAX_PER_TERM * n, UNKNOWN_MIN_TERMS))
 

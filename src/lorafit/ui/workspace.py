@@ -194,13 +194,13 @@ class Workspace:
         if code_unknown and not alive and job.returncode is not None:
             self.save(job)  # its exit code, reaped just now, for every later reader (once)
         status = None
-        try:  # the stat is the existence check: --overwrite may replace the run meanwhile
+        try:  # no is_file() first: --overwrite may replace the run between any two calls
             written = folder.info_file.stat().st_mtime
+            # a run.json older than this job is an earlier attempt's
+            if job is None or written >= job.started:
+                status = folder.info().get("status")
         except FileNotFoundError:
-            written = None
-        # a run.json older than this job is an earlier attempt's
-        if written is not None and (job is None or written >= job.started):
-            status = folder.info().get("status")
+            pass
         if job is None:
             return status or ("starting" if folder.path.is_dir() else "-"), None, ""
         if alive or status not in (None, "new", "running"):
