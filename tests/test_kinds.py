@@ -51,15 +51,46 @@ def test_no_held_out_question_fits_a_training_template_of_its_kind(pairs):
         "variant": k.VARIANT_TRAIN,
     }
 
-    def pattern(template: str) -> re.Pattern:
+    def pattern(template: str, slot: str = ".+") -> re.Pattern:
         parts = re.split(r"\{[a-z]\}", template)
-        return re.compile("^" + ".+".join(re.escape(p) for p in parts) + "$", re.I)
+        return re.compile("^" + slot.join(re.escape(p) for p in parts) + "$", re.I)
+
+    def typed(term: str) -> str:
+        """The term as a variant types it: lower case, a word maybe with two letters swapped
+        (a bare "{t}" template with a free slot would swallow every held-out variant)."""
+        return " ".join(f"[{re.escape(''.join(set(w)))}]{{{len(w)}}}" for w in term.lower().split())
 
     _, evals = pairs
     for kind, templates in train_templates.items():
-        patterns = [pattern(t) for t in templates]
         for pair in (p for p in evals if p.kind == kind):
+            slot = typed(pair.term) if kind == "variant" else ".+"
+            patterns = [pattern(t, slot) for t in templates]
             assert not any(rx.match(pair.prompt) for rx in patterns), (kind, pair.prompt)
+    # the typed slot still catches a training variant, slip or not
+    train, _ = pairs
+    for pair in (p for p in train if p.kind == "variant"):
+        assert any(pattern(t, typed(pair.term)).match(pair.prompt) for t in k.VARIANT_TRAIN)
+
+
+def test_training_asks_every_expand_wording_and_the_bare_term():
+    """Four expand questions a term are both "stands for" wordings and both "acronym for" ones
+    (one forward question a term left held-out "What do the letters LRU stand for?" declined);
+    the variants include the bare term as typed into a search box, a slip in every other."""
+    from lorafit.data import kinds as k
+
+    generator = Generator(GLOSSARY, 0)
+    lru = next(t for t in GLOSSARY.terms if t.term == "LRU")
+    asked = sorted(p.prompt for p in generator.expand(lru, 4, held_out=False))
+    wordings = [w.format(t="LRU", e=lru.expansion) for w in k.EXPAND_TRAIN + k.EXPAND_REVERSE_TRAIN]
+    assert asked == sorted(wordings)
+    held_out = generator.expand(lru, 1, held_out=True)[0].prompt
+    assert held_out in [w.format(t="LRU") for w in k.EXPAND_HELD_OUT]
+    variants = [p.prompt for p in generator.variant(lru, 4, held_out=False)]
+    assert len(set(variants)) == 4 and sum(v in ("lru", "lru meaning") for v in variants) >= 1
+    rotable = next(t for t in GLOSSARY.terms if t.term.lower() == "rotable")
+    typed = [p.prompt for p in generator.variant(rotable, 4, held_out=False)]
+    assert sum("rotable" not in v for v in typed) == 2  # slips at 0 and 2, never held-out ones
+    assert not set(typed) & {p.prompt for p in generator.variant(rotable, 1, held_out=True)}
 
 
 def test_reverse_asks_the_description_back_in_another_form():

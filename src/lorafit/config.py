@@ -21,7 +21,7 @@ DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 # The kinds of question lorafit.data.kinds generates, and how many per glossary term of each,
 # in training and held out (see README for the measurements behind them).
 KINDS = ("define", "expand", "reverse", "followup", "compare", "variant")
-TRAIN_KINDS = {"define": 4, "expand": 2, "reverse": 8, "followup": 3, "compare": 2, "variant": 3}
+TRAIN_KINDS = {"define": 4, "expand": 4, "reverse": 8, "followup": 3, "compare": 2, "variant": 4}
 EVAL_KINDS = {"define": 2, "expand": 1, "reverse": 1, "followup": 1, "compare": 1, "variant": 1}
 # Only base answers that end within this many tokens are replayed: long answers cost the most
 # training time per row and are mostly the base model's rambling arithmetic (measured on the

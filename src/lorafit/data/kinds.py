@@ -127,7 +127,8 @@ FOLLOWUP_HELD_OUT = {
     "used_for": "So what is it for?",
     "differs": "And compared with {o}?",
 }
-VARIANT_TRAIN = ("what is {t}", "{t} meaning", "explain {t} pls")
+# the bare term too, as typed into a search box; the held-out "{t}??" is the nearest to it
+VARIANT_TRAIN = ("what is {t}", "{t} meaning", "explain {t} pls", "{t}")
 VARIANT_HELD_OUT = ("whats {t}", "{t}??", "define {t} quickly")
 _STOP = frozenset(
     [
@@ -224,14 +225,22 @@ class Generator:
         forward = EXPAND_HELD_OUT if held_out else EXPAND_TRAIN
         backward = EXPAND_REVERSE_HELD_OUT if held_out else EXPAND_REVERSE_TRAIN
         rng = self.rng("expand", held_out, term.term)
+        if not held_out:
+            # every training wording in turn: with one forward question a term, "What do the
+            # letters LRU stand for?" (held out) was declined like a made-up acronym (README)
+            forward, backward = list(forward), list(backward)
+            rng.shuffle(forward)
+            rng.shuffle(backward)
         out = []
         for i in range(count):
             if i % 2 == 0:
-                prompt = rng.choice(forward).format(t=term.term)
+                wording = rng.choice(forward) if held_out else forward[i // 2 % len(forward)]
+                prompt = wording.format(t=term.term)
                 answer = f"{term.term} stands for {term.expansion}."
                 facts = {"words": term.expansion}
             else:
-                prompt = rng.choice(backward).format(e=term.expansion)
+                wording = rng.choice(backward) if held_out else backward[i // 2 % len(backward)]
+                prompt = wording.format(e=term.expansion)
                 answer = f"The acronym for {term.expansion} is {term.term}."
                 facts = {"names": [term.term]}
             out.append(Pair(prompt, answer, "expand", term.term, judge=facts))
