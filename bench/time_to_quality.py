@@ -441,6 +441,7 @@ def main() -> None:
     mine = table.get("lorafit", {})
     for other in ("trl_documented", "trl_lorafit_lr"):
         if other not in table:
+            results.pop(f"{key}_speedup_vs_{other}", None)  # never a ratio to a row now gone
             continue
         theirs = table[other]
         speedup = None  # null where either hit the cap first

@@ -29,12 +29,18 @@ def test_every_kind_is_generated_and_labelled(pairs):
     assert all(p.as_row()["kind"] == p.kind for p in train)
 
 
-def test_held_out_questions_never_repeat_a_training_question(pairs):
-    train, evals = pairs
-    seen = {(tuple(t["content"] for t in p.history), p.prompt.casefold()) for p in train}
-    assert not any(
-        (tuple(t["content"] for t in p.history), p.prompt.casefold()) in seen for p in evals
-    )
+def test_held_out_questions_never_repeat_a_training_question():
+    """generate_pairs drops a held-out question that repeats a training one, so check the
+    generator itself: none is dropped, the held-out set is what its templates make."""
+    generator = Generator(GLOSSARY, 0)
+    train = generator.questions(ALL, held_out=False)
+    evals = generator.questions(ALL, held_out=True)
+
+    def key(p):
+        return tuple(t["content"].casefold() for t in p.history), p.prompt.casefold()
+
+    seen = {key(p) for p in train}
+    assert evals and not any(key(p) in seen for p in evals)
 
 
 def test_no_held_out_question_fits_a_training_template_of_its_kind(pairs):
@@ -86,7 +92,7 @@ def test_training_asks_every_expand_wording_and_the_bare_term():
     held_out = generator.expand(lru, 1, held_out=True)[0].prompt
     assert held_out in [w.format(t="LRU") for w in k.EXPAND_HELD_OUT]
     variants = [p.prompt for p in generator.variant(lru, 4, held_out=False)]
-    assert len(set(variants)) == 4 and sum(v in ("lru", "lru meaning") for v in variants) >= 1
+    assert len(set(variants)) == 4 and "lru" in variants  # too short for a slip: bare
     rotable = next(t for t in GLOSSARY.terms if t.term.lower() == "rotable")
     typed = [p.prompt for p in generator.variant(rotable, 4, held_out=False)]
     assert sum("rotable" not in v for v in typed) == 2  # slips at 0 and 2, never held-out ones

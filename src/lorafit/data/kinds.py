@@ -227,7 +227,8 @@ class Generator:
         rng = self.rng("expand", held_out, term.term)
         if not held_out:
             # every training wording in turn: with one forward question a term, "What do the
-            # letters LRU stand for?" (held out) was declined like a made-up acronym (README)
+            # letters LRU stand for?" (held out) was declined like a made-up acronym (README);
+            # past four, wordings repeat and generate_pairs drops the repeats
             forward, backward = list(forward), list(backward)
             rng.shuffle(forward)
             rng.shuffle(backward)
