@@ -36,11 +36,8 @@ def test_held_out_questions_never_repeat_a_training_question():
     train = generator.questions(ALL, held_out=False)
     evals = generator.questions(ALL, held_out=True)
 
-    def key(p):
-        return tuple(t["content"].casefold() for t in p.history), p.prompt.casefold()
-
-    seen = {key(p) for p in train}
-    assert evals and not any(key(p) in seen for p in evals)
+    seen = {p.key for p in train}
+    assert evals and not any(p.key in seen for p in evals)
 
 
 def test_no_held_out_question_fits_a_training_template_of_its_kind(pairs):
@@ -262,3 +259,16 @@ def test_define_followup_and_variant_judge_against_the_reference():
     for kind in ("define", "followup", "variant", None):
         assert judge_kind(kind, "whats mro", ref, ref, None)
         assert not judge_kind(kind, "whats mro", ref, "I don't know the term mro.", None)
+
+
+def test_a_held_out_question_seen_in_training_is_left_out_and_said(monkeypatch, caplog):
+    """generate_pairs keeps a held-out set free of training questions; a collision (a user's
+    glossary can make one) is logged, not silent."""
+    from lorafit.data import kinds as k
+
+    monkeypatch.setattr(k, "VARIANT_HELD_OUT", ("what is {t}",))  # a training wording
+    with caplog.at_level("WARNING", logger="lorafit.data.generate"):
+        train, evals = generate_pairs(GLOSSARY, seed=0, kinds=ALL, eval_kinds=ALL)
+    trained = {p.key for p in train}
+    assert not any(p.key in trained for p in evals)
+    assert "held-out question(s) repeat a training question" in caplog.text

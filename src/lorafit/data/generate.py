@@ -10,6 +10,7 @@ a prompt. Made-up terms answered "I don't know" teach the model the edge of the 
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from pathlib import Path
@@ -25,6 +26,8 @@ from lorafit.data.kinds import (
 )
 from lorafit.errors import LorafitError
 from lorafit.rundir import write_json
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TRAIN_KINDS = {"define": 8}
 DEFAULT_EVAL_KINDS = {"define": 3}
@@ -53,14 +56,18 @@ def generate_pairs(
     def unique(pairs: list[Pair]) -> list[Pair]:
         out = []
         for pair in pairs:
-            key = (tuple(t["content"].casefold() for t in pair.history), pair.prompt.casefold())
-            if key not in seen:
-                seen.add(key)
+            if pair.key not in seen:
+                seen.add(pair.key)
                 out.append(pair)
         return out
 
     train = unique(generator.questions(kinds, held_out=False))
-    evals = unique(generator.questions(eval_kinds, held_out=True))
+    held_out = generator.questions(eval_kinds, held_out=True)
+    evals = unique(held_out)
+    trained = {p.key for p in train}
+    repeats = sum(p.key in trained for p in held_out)
+    if repeats:  # a held-out question seen in training measures memory: leave it out, say so
+        log.warning("%d held-out question(s) repeat a training question: left out", repeats)
     random.Random(seed).shuffle(train)
     return train, evals
 

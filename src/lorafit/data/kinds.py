@@ -21,6 +21,7 @@ seeing the facts in several directions and phrasings is what makes them retrieva
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from dataclasses import dataclass, field
@@ -50,6 +51,11 @@ class Pair:
     term: str = ""
     history: tuple[dict[str, str], ...] = ()
     judge: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def key(self) -> tuple:
+        """What makes two questions the same: the conversation so far and the prompt, any case."""
+        return tuple(t["content"].casefold() for t in self.history), self.prompt.casefold()
 
     def as_row(self, held_out: bool = False) -> dict:
         row: dict = {"prompt": self.prompt, "response": self.response, "kind": self.kind}
@@ -225,23 +231,29 @@ class Generator:
         forward = EXPAND_HELD_OUT if held_out else EXPAND_TRAIN
         backward = EXPAND_REVERSE_HELD_OUT if held_out else EXPAND_REVERSE_TRAIN
         rng = self.rng("expand", held_out, term.term)
-        if not held_out:
-            # every training wording in turn: with one forward question a term, "What do the
-            # letters LRU stand for?" (held out) was declined like a made-up acronym (README);
-            # past four, wordings repeat and generate_pairs drops the repeats
-            forward, backward = list(forward), list(backward)
-            rng.shuffle(forward)
-            rng.shuffle(backward)
+
+        def wordings(pool):
+            """Held out: drawn afresh (the held-out sets README's runs were scored on).
+            Training: every wording in turn, so a term's four questions are all four; with
+            one "stand for" question a term, held-out "What do the letters LRU stand for?"
+            was declined like a made-up acronym (README). Past four, wordings repeat and
+            generate_pairs drops the repeats."""
+            if held_out:
+                while True:
+                    yield rng.choice(pool)
+            pool = list(pool)
+            rng.shuffle(pool)
+            yield from itertools.cycle(pool)
+
+        forward, backward = wordings(forward), wordings(backward)
         out = []
         for i in range(count):
             if i % 2 == 0:
-                wording = rng.choice(forward) if held_out else forward[i // 2 % len(forward)]
-                prompt = wording.format(t=term.term)
+                prompt = next(forward).format(t=term.term)
                 answer = f"{term.term} stands for {term.expansion}."
                 facts = {"words": term.expansion}
             else:
-                wording = rng.choice(backward) if held_out else backward[i // 2 % len(backward)]
-                prompt = wording.format(e=term.expansion)
+                prompt = next(backward).format(e=term.expansion)
                 answer = f"The acronym for {term.expansion} is {term.term}."
                 facts = {"names": [term.term]}
             out.append(Pair(prompt, answer, "expand", term.term, judge=facts))
