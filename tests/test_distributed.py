@@ -81,7 +81,7 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir):
         digest.update(name.encode())
         digest.update(saved[name].float().numpy().tobytes())
     assert digest.hexdigest() == dist["ranks"][0]["adapter_sha256"]
-    [cache] = (two / "home" / "replay").glob("*.jsonl")  # answered once, into one file
+    [cache] = (two / "home" / "answers").glob("*.jsonl")  # answered once, into one file
     assert cache.read_text().count("\n") > 0 and info["data"]["replay"] is not None
     losses = _losses(two)
     assert len(losses) == 12  # one metrics line per step: only rank 0 wrote

@@ -28,7 +28,7 @@ def test_jsonl_rows_keep_unicode_line_separators(tmp_path):
     assert read_jsonl_lines(tmp_path / "data.jsonl") == rows  # caches are read the same way
 
 
-def test_replay_cache_with_a_line_separator_stays_readable(tmp_path, monkeypatch, tiny_model_dir):
+def test_replay_cache_with_a_line_separator_stays_readable(tmp_path, monkeypatch):
     """One base answer holding U+2028 made the replay cache unreadable for good."""
     import lorafit.inference
     from lorafit.data.replay import base_answers
@@ -40,8 +40,9 @@ def test_replay_cache_with_a_line_separator_stays_readable(tmp_path, monkeypatch
         "generate",
         lambda model, tok, batch, **kw: [(f"answer{SEPARATORS}", True) for _ in batch],
     )
-    first = base_answers(None, None, tiny_model_dir, prompts, None)
-    again = base_answers(None, None, tiny_model_dir, prompts, None)  # read back from the cache
+    monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "home"))
+    first = base_answers(None, None, "key", prompts, None)
+    again = base_answers(None, None, "key", prompts, None)  # read back from the cache
     assert first == again and again[0]["response"] == f"answer{SEPARATORS}"
 
 

@@ -81,6 +81,9 @@ def test_the_wheel_carries_what_commands_read(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = [name for name in SHIPPED if name not in names]
     assert not missing, f"not in the wheel: {missing}"
+    answers = ROOT / "src" / "lorafit" / "resources" / "answers"
+    shipped_answers = [f"lorafit/resources/answers/{f.name}" for f in answers.glob("*.jsonl")]
+    assert shipped_answers and set(shipped_answers) <= names  # the base model's, for the demo
 
 
 def test_the_installed_package_is_the_wheel_not_the_checkout(installed, tmp_path):

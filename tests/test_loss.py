@@ -296,7 +296,7 @@ def test_training_distils_the_replay_rows(tmp_path, tiny_model_dir, monkeypatch)
     (the rows TRL hands the loss are the rows whose distributions were taken)."""
     import lorafit.data.replay
 
-    def canned(model, tokenizer, model_dir, prompts_file, system_prompt, **kwargs):
+    def canned(model, tokenizer, key, prompts_file, system_prompt, **kwargs):
         return [
             {"prompt": p, "response": r, "stopped": True}
             for p, r in [("Name a colour.", "Blue."), ("Say hi.", "Hi there!")]

@@ -55,54 +55,82 @@ def test_shipped_replay_prompts_are_disjoint_from_the_probes():
 
 def test_base_answers_are_generated_once_then_cached(tmp_path, monkeypatch, tiny_model_dir):
     import lorafit.inference
+    from lorafit.answer_cache import model_key
     from lorafit.inference import load_for_inference
 
     monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "home"))
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Hi"}\n{"prompt": "What is 1+1?"}\n')
     loaded = load_for_inference(tiny_model_dir, device="cpu")
-    first = base_answers(loaded.model, loaded.tokenizer, tiny_model_dir, prompts, None)
+    key = model_key({"sha256": "tiny"}, loaded.model)
+    first = base_answers(loaded.model, loaded.tokenizer, key, prompts, None)
     assert sorted(r["prompt"] for r in first) == ["Hi", "What is 1+1?"]
 
     def no_generation(*a, **k):
         raise AssertionError("should have come from the cache")
 
     monkeypatch.setattr(lorafit.inference, "generate", no_generation)
-    assert base_answers(loaded.model, loaded.tokenizer, tiny_model_dir, prompts, None) == first
+    assert base_answers(loaded.model, loaded.tokenizer, key, prompts, None) == first
     # another answer-length limit is another set of answers, not the cached one
     with pytest.raises(AssertionError, match="cache"):
-        base_answers(
-            loaded.model, loaded.tokenizer, tiny_model_dir, prompts, None, max_new_tokens=7
-        )
+        base_answers(loaded.model, loaded.tokenizer, key, prompts, None, max_new_tokens=7)
+    # so is another system prompt, and another model (key)
+    with pytest.raises(AssertionError, match="cache"):
+        base_answers(loaded.model, loaded.tokenizer, key, prompts, "Be brief.")
+    with pytest.raises(AssertionError, match="cache"):
+        base_answers(loaded.model, loaded.tokenizer, "other-model", prompts, None)
 
 
-def test_a_process_that_waited_for_the_cache_lock_reuses_the_answers(
-    tmp_path, monkeypatch, tiny_model_dir
-):
+def test_replay_answers_stop_once_enough_have_ended(tmp_path, monkeypatch):
+    """Prompts are answered a batch at a time until ``needed`` answers ended by themselves."""
+    import lorafit.data.replay as replay
+    import lorafit.inference
+
+    monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(replay, "BATCH", 2)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "q{i}"}}\n' for i in range(10)))
+    batches = []
+
+    def answering(model, tok, batch, **kw):
+        batches.append(len(batch))
+        return [("A.", True) for _ in batch]
+
+    monkeypatch.setattr(lorafit.inference, "generate", answering)
+    assert len(base_answers(None, None, "k", prompts, None, needed=3)) == 4
+    assert batches == [2, 2]
+    assert len(base_answers(None, None, "k", prompts, None)) == 10  # extends the same cache
+    assert batches == [2, 2, 2, 2, 2]
+
+
+def test_a_process_that_waited_for_the_cache_lock_reuses_the_answers(tmp_path, monkeypatch):
     """The ranks of a torchrun job share the cache: one answers, the others wait and reuse."""
     import threading
 
     import lorafit.inference
+    from lorafit.answer_cache import FOLDER, _prompt_key
     from lorafit.data.formats import write_jsonl
-    from lorafit.data.replay import _cache_file
+    from lorafit.inference import chat_prompt
     from lorafit.paths import exclusive_lock
 
     monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "home"))
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Hi"}\n')
     monkeypatch.setattr(lorafit.inference, "generate", lambda *a, **k: [("late", True)])
-    cache = _cache_file(tiny_model_dir, prompts, None, 32)
+    cache = tmp_path / "home" / FOLDER / "k.jsonl"
+    cache.parent.mkdir(parents=True)
     result = []
     with exclusive_lock(cache.with_suffix(".lock")):  # "rank 0" is answering
         waiter = threading.Thread(
             target=lambda: result.extend(
-                base_answers(None, None, tiny_model_dir, prompts, None, max_new_tokens=32)
+                base_answers(None, None, "k", prompts, None, max_new_tokens=32)
             )
         )
         waiter.start()
         waiter.join(timeout=1.0)
         assert waiter.is_alive() and not result  # it waits instead of answering too
-        write_jsonl(cache, [{"prompt": "Hi", "response": "Hello!", "stopped": True}])
+        key = _prompt_key(chat_prompt("Hi", None), 32)
+        write_jsonl(cache, [{"key": key, "text": "Hello!", "stopped": True}])
     waiter.join(timeout=30)
     assert result == [{"prompt": "Hi", "response": "Hello!", "stopped": True}]
 
@@ -167,7 +195,6 @@ def test_refusal_judge(answer, refused):
 def test_several_processes_skip_the_base_distributions(monkeypatch):
     """Under several processes TRL's own loss trains (no KL term): the base distributions,
     a forward pass per replay row, are not computed there, and run.json's replay says so."""
-    from pathlib import Path
 
     from lorafit.config import load_config
     from lorafit.data import prepare
@@ -177,11 +204,11 @@ def test_several_processes_skip_the_base_distributions(monkeypatch):
     monkeypatch.setattr(prepare, "replay_rows", lambda *a: (["row"], {"rows": 1}))
     monkeypatch.setattr(prepare, "base_distributions", lambda model, rows, **_: {"row": "teacher"})
     one = prepare.TrainingData(train=[], eval=None, info={})
-    one.add_replay(config, None, None, Path("."), world_size=1)
+    one.add_replay(config, None, None, None, world_size=1)
     assert one.teachers == {"row": "teacher"} and one.info["replay"]["kl_rows"] == 1
 
     monkeypatch.setattr(prepare, "base_distributions", lambda *a: pytest.fail("computed"))
     two = prepare.TrainingData(train=[], eval=None, info={})
-    two.add_replay(config, None, None, Path("."), world_size=2)
+    two.add_replay(config, None, None, None, world_size=2)
     assert two.teachers == {} and two.train == ["row"]  # the replay rows still train
     assert two.info["replay"]["kl_rows"] == 0 and two.info["replay"]["kl_weight"] == 0

@@ -57,7 +57,7 @@ def _train(config, run: RunDir, resume, show_progress, world_size, writer, callb
     data = load_training_data(config, tokenizer, world_size)
     torch.manual_seed(config.train.seed)
     model = load_model(config.model, base.dir, device)
-    data.add_replay(config, model, tokenizer, Path(base.dir), world_size)
+    data.add_replay(config, model, tokenizer, base.record(), world_size)
     record = RunRecord(run, _run_info(config, base, data, device, world_size), writer)
     tracker = Tracker("", enabled=False)
     if writer:

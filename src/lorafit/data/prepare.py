@@ -1,7 +1,7 @@
 """Training data as the trainer sees it: tokenized rows, small sets repeated, replay mixed in.
 
     data = load_training_data(config, tokenizer, world_size)   # read, validate, tokenize
-    data.add_replay(config, model, tokenizer, model_dir)       # the base model's own answers
+    data.add_replay(config, model, tokenizer, base)            # the base model's own answers
 
 Examples are formatted with the model's own chat template and the loss is on the answer (plus
 its end-of-turn token) only (lorafit.data.tokenize).
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lorafit.config import Config, TrainSection
@@ -41,11 +40,12 @@ class TrainingData:
     teachers: dict[tuple[int, ...], Any] = field(default_factory=dict)  # -> loss.RowTeacher
 
     def add_replay(
-        self, config: Config, model, tokenizer, model_dir: Path, world_size: int = 1
+        self, config: Config, model, tokenizer, base_record: dict | None, world_size: int = 1
     ) -> None:
         """Mix in the base model's answers to general prompts (``data.replay`` of the mix),
-        with its next-token distributions on them when ``data.replay_kl`` asks."""
-        rows, info = replay_rows(config, model, tokenizer, model_dir, len(self.train))
+        with its next-token distributions on them when ``data.replay_kl`` asks
+        (``base_record``: run.json's base_model, which keys the answers' cache; None: no cache)."""
+        rows, info = replay_rows(config, model, tokenizer, base_record, len(self.train))
         self.train = self.train + rows
         self.info["replay"] = info
         if rows and config.data.replay_kl and world_size > 1:
@@ -201,9 +201,11 @@ def load_training_data(config: Config, tokenizer, world_size: int = 1) -> Traini
     return TrainingData(train_rows, eval_rows, {"train": train_info, "eval": eval_info})
 
 
-def replay_rows(config: Config, model, tokenizer, model_dir: Path, domain_rows: int):
+def replay_rows(config: Config, model, tokenizer, base_record: dict | None, domain_rows: int):
     """Replay rows (the base model's own answers to general prompts) for ``data.replay``;
-    a share of the (repeated) domain rows, so repeats bring other general answers."""
+    a share of the (repeated) domain rows, so repeats bring other general answers. The
+    answers are computed in the precision training computes in (as the KL targets are)."""
+    from lorafit.answer_cache import model_key
     from lorafit.data.replay import base_answers, replay_count, replay_examples
 
     count = replay_count(domain_rows, config.data.replay)
@@ -212,15 +214,17 @@ def replay_rows(config: Config, model, tokenizer, model_dir: Path, domain_rows: 
     prompts_file = resolve(config.data.replay_prompts or REPLAY_PROMPTS)
     if not prompts_file.is_file():
         raise LorafitError(f"data.replay_prompts: {prompts_file} does not exist")
+    precision = resolve_precision(config.train.precision, str(next(model.parameters()).device))
     answers = base_answers(
         model,
         tokenizer,
-        model_dir,
+        model_key(base_record, model, precision) if base_record else None,
         prompts_file,
         config.data.system_prompt,
         needed=count,
         seed=config.data.seed,
         max_new_tokens=config.data.replay_max_tokens,
+        precision=precision,
     )
     examples = replay_examples(answers, count, config.data.seed)
     rows, _ = tokenize_all(tokenizer, examples, config.data.max_length, config.data.system_prompt)

@@ -9,19 +9,17 @@ you already did". No dataset download, and the answers are in the model's own vo
 ``data.replay`` is the share of replay examples in the final mix (0 turns it off). Only answers
 that ended by themselves within ``data.replay_max_tokens`` are used (no run-on text is taught,
 and short answers keep replay cheap). The base model's answers are
-cached under ``$LORAFIT_HOME/replay`` per model, prompt set and system prompt.
+cached with its evaluation answers (lorafit.answer_cache), per prompt.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from pathlib import Path
 
 from lorafit.config import REPLAY_MAX_NEW_TOKENS
-from lorafit.data.formats import Example, read_jsonl_lines, write_jsonl
-from lorafit.paths import exclusive_lock, lorafit_home
+from lorafit.data.formats import Example, read_jsonl_lines
 from lorafit.shipped import REPLAY_PROMPTS, resolve
 
 log = logging.getLogger(__name__)
@@ -41,77 +39,57 @@ def read_prompts(path: str | Path) -> list[str]:
     return [row["prompt"] for row in read_jsonl_lines(resolve(path))]
 
 
-def _cache_file(
-    model_dir: Path, prompts_file: Path, system_prompt: str | None, max_new_tokens: int
-) -> Path:
-    key = hashlib.sha256()
-    weights = sorted(model_dir.glob("*.safetensors"))
-    key.update(str(model_dir.resolve()).encode())
-    for w in weights:  # a changed model under the same path gets new answers
-        key.update(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}".encode())
-    key.update(resolve(prompts_file).read_bytes())
-    key.update((system_prompt or "").encode())
-    key.update(str(max_new_tokens).encode())
-    return lorafit_home() / "replay" / f"{key.hexdigest()[:16]}.jsonl"
-
-
 def base_answers(
     model,
     tokenizer,
-    model_dir: Path,
+    key: str | None,
     prompts_file: Path,
     system_prompt: str | None,
     needed: int | None = None,
     seed: int = 0,
     max_new_tokens: int = REPLAY_MAX_NEW_TOKENS,
+    precision: str = "fp32",
 ) -> list[dict]:
-    """The base model's greedy answers to replay prompts, in a seeded order, cached.
+    """The base model's greedy answers to replay prompts, in a seeded order, computed in
+    ``precision`` and cached under ``key`` (lorafit.answer_cache.model_key; None: no cache).
 
     Prompts are answered in batches until ``needed`` answers ended by themselves (all of them
-    when ``needed`` is None); a later run that needs more extends the same cache.
+    when ``needed`` is None); a later run that needs more extends the same cache. One process
+    answers a batch at a time: the ranks of a torchrun job (or two runs on one machine) share
+    the cache, and the ones that waited find the answers there instead of regenerating.
     """
-    cache = _cache_file(model_dir, prompts_file, system_prompt, max_new_tokens)
-    # One process answers at a time: the ranks of a torchrun job (or two runs on one machine)
-    # share this cache, and the ones that waited find the answers there instead of regenerating.
-    with exclusive_lock(cache.with_suffix(".lock")):
-        return _answer_and_cache(
-            model, tokenizer, cache, prompts_file, system_prompt, needed, seed, max_new_tokens
-        )
-
-
-def _answer_and_cache(
-    model, tokenizer, cache, prompts_file, system_prompt, needed, seed, max_new_tokens
-) -> list[dict]:
+    from lorafit.answer_cache import cached_answers
     from lorafit.inference import chat_prompt, generate
 
-    known = {}
-    if cache.is_file():
-        known = {r["prompt"]: r for r in read_jsonl_lines(cache)}
     order = read_prompts(prompts_file)
     random.Random(f"replay:{seed}").shuffle(order)
 
-    def usable() -> int:
-        return sum(known[p]["stopped"] for p in order if p in known)
-
-    todo = [p for p in order if p not in known]
-    if todo and (needed is None or usable() < needed):
-        log.info("replay: the base model answers general prompts (cached for next time)")
-    for start in range(0, len(todo), BATCH):
-        if needed is not None and usable() >= needed:
-            break
-        batch = todo[start : start + BATCH]
-        answers = generate(
+    def answer(todo):
+        if not logged:
+            log.info("replay: the base model answers general prompts (cached for next time)")
+            logged.append(True)
+        return generate(
             model,
             tokenizer,
-            [chat_prompt(p, system_prompt) for p in batch],
+            todo,
             max_new_tokens=max_new_tokens,
             batch_size=BATCH,
+            precision=precision,
         )
-        for p, (text, stopped) in zip(batch, answers, strict=True):
-            known[p] = {"prompt": p, "response": text, "stopped": stopped}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(cache, list(known.values()))
-    return [known[p] for p in order if p in known]
+
+    logged: list[bool] = []
+    rows: list[dict] = []
+    for start in range(0, len(order), BATCH):
+        if needed is not None and sum(r["stopped"] for r in rows) >= needed:
+            break
+        batch = order[start : start + BATCH]
+        prompts = [chat_prompt(p, system_prompt) for p in batch]
+        answers = cached_answers(key, prompts, max_new_tokens, answer)
+        rows += [
+            {"prompt": p, "response": text, "stopped": stopped}
+            for p, (text, stopped) in zip(batch, answers, strict=True)
+        ]
+    return rows
 
 
 def replay_examples(rows: list[dict], count: int, seed: int) -> list[Example]:
