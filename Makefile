@@ -53,10 +53,12 @@ endif
 # a one-step demo in a fresh $LORAFIT_HOME, without the shipped answers, keeps its cache
 ANSWERS := src/lorafit/resources/answers
 base-answers: setup
-	rm -rf $(VENV)/base-answers && rm -f $(ANSWERS)/*.jsonl
+	rm -rf $(VENV)/base-answers && rm -f $(ANSWERS)/*.jsonl $(ANSWERS)/*.json
 	LORAFIT_HOME=$(VENV)/base-answers/home $(BIN)/lorafit demo \
 	  --output $(VENV)/base-answers/demo --set train.max_steps=1
 	mkdir -p $(ANSWERS) && cp $(VENV)/base-answers/home/answers/*.jsonl $(ANSWERS)/
+	LORAFIT_HOME=$(VENV)/base-answers/home $(BIN)/python -c \
+	  "from lorafit.answer_cache import write_shipped_identity as w; print(w('$(ANSWERS)'))"
 
 lint: setup
 	$(BIN)/ruff check src tests

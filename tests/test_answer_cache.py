@@ -4,6 +4,7 @@ the very same answers)."""
 
 import json
 import re
+from collections import Counter
 
 import pytest
 
@@ -35,8 +36,30 @@ def test_a_model_is_keyed_by_its_content_not_where_it_lies(monkeypatch):
     assert model_key(hub, model) != model_key({**hub, "revision": "2"}, model)
     # another instruction set runs other matmul kernels, which can flip a near-tie
     here = model_key(SHIPPED, model)
-    monkeypatch.setattr(answer_cache, "cpu_isa", lambda: ["avx2"])
+    monkeypatch.setattr(answer_cache, "cpu_isa", lambda: ["no-such-flag"])
     assert model_key(SHIPPED, model) != here
+    # a folder's hash covers its weights, not its chat template: its path stays in the key
+    folder = {"kind": "local", "name": "/m", "source": "/m", "sha256": "ab12"}
+    assert model_key(folder, model) != model_key({**folder, "source": "/n"}, model)
+
+
+def test_quantized_weights_are_other_answers(tiny_model_dir):
+    """A 4-bit base answers otherwise than the same weights in full precision; its first
+    parameter (the embeddings) is never quantized, so the key must say it."""
+    import lorafit.inference
+
+    class _Config:
+        quantization_config = {"load_in_4bit": True}
+
+    model = _Model()
+    full = model_key(SHIPPED, model)
+    model.config = _Config()
+    original = lorafit.inference.is_quantized
+    try:
+        lorafit.inference.is_quantized = lambda m: True
+        assert model_key(SHIPPED, model) != full
+    finally:
+        lorafit.inference.is_quantized = original
 
 
 def test_shipped_answers_are_used_and_never_written(tmp_path, monkeypatch):
@@ -57,11 +80,13 @@ def test_shipped_answers_are_used_and_never_written(tmp_path, monkeypatch):
         return [("Computed.", False) for _ in prompts]
 
     new = chat_prompt("New?", None)
-    assert cached_answers("k", [known, new], 8, answer) == [
+    sources = Counter()
+    assert cached_answers("k", [known, new], 8, answer, sources=sources) == [
         ("From the package.", True),
         ("Computed.", False),
     ]
     assert asked == [new]  # only the prompt the package has no answer to
+    assert sources == {"shipped": 1, "computed": 1, "cached": 0}
     assert shipped_file.read_text() == json.dumps(line) + "\n"
     user = (tmp_path / "home" / FOLDER / "k.jsonl").read_text().splitlines()
     assert [json.loads(x)["text"] for x in user] == ["Computed."]
@@ -70,17 +95,39 @@ def test_shipped_answers_are_used_and_never_written(tmp_path, monkeypatch):
     cached_answers("other", [known], 8, answer)
     cached_answers("k", [known], 9, answer)
     assert asked == [known, known]
+    sources.clear()
+    cached_answers("k", [known, new], 8, answer, sources=sources)
+    assert sources == {"shipped": 1, "cached": 1, "computed": 0}
+
+
+def test_an_unreadable_cache_file_is_answered_again(tmp_path, monkeypatch, caplog):
+    """A cache file cut short (a full disk) must not stop a training or an evaluation."""
+    monkeypatch.setenv("LORAFIT_HOME", str(tmp_path))
+    (tmp_path / FOLDER).mkdir()
+    (tmp_path / FOLDER / "k.jsonl").write_text('{"key": "abc", "text": "cut sh')
+    prompt = chat_prompt("Hi", None)
+    assert cached_answers("k", [prompt], 8, lambda ps: [("Hello.", True)]) == [("Hello.", True)]
+    assert "unreadable" in caplog.text
+    assert cached_answers("k", [prompt], 8, lambda ps: pytest.fail("cached")) == [("Hello.", True)]
 
 
 def test_shipped_answer_files_cover_the_replay_prompts():
     """Each shipped file is one machine kind's answers to the demo's questions and to every
     replay prompt (`make base-answers` writes them)."""
+    from importlib.metadata import version
+
     from lorafit.config import REPLAY_MAX_NEW_TOKENS
     from lorafit.data.replay import DEFAULT_REPLAY_PROMPTS, read_prompts
     from lorafit.shipped import available, shipped
 
-    files = available(FOLDER)
+    files = [f for f in available(FOLDER) if f.endswith(".jsonl")]
     assert files, "make base-answers ships the embedded model's answers"
+    for name in files:  # what each key stands for: stale answers fail here on any machine
+        identity = json.loads(shipped(f"{FOLDER}/{name[:-1]}").read_text())
+        assert answer_cache.key_of(identity) == name.removesuffix(".jsonl")
+        assert identity["lorafit"] == answer_cache.ANSWERS_VERSION, "run make base-answers"
+        assert identity["torch"] == version("torch"), "run make base-answers"
+        assert identity["transformers"] == version("transformers"), "run make base-answers"
     replay = {
         _prompt_key(chat_prompt(p, None), REPLAY_MAX_NEW_TOKENS)
         for p in read_prompts(DEFAULT_REPLAY_PROMPTS)
@@ -99,28 +146,55 @@ def test_shipped_answer_files_cover_the_replay_prompts():
 
 
 @pytest.mark.slow
-def test_shipped_answers_are_the_embedded_models_own(embedded_dir):
-    """Recompute the first batch of replay answers as training does and compare them with the
-    shipped ones, on a machine whose key has a shipped file; on any other machine the shipped
-    answers must not be used at all."""
-    from lorafit.config import DataSection, ModelSection, TrainSection
-    from lorafit.data.replay import DEFAULT_REPLAY_PROMPTS, base_answers
+def test_shipped_answers_are_the_embedded_models_own(embedded_dir, tmp_path, monkeypatch):
+    """Recompute, as the demo does, the first batch of replay answers and the first batch of
+    held-out answers, and compare them with the shipped ones on a machine whose key has a
+    shipped file; on any other machine the shipped answers must not be used at all."""
+    from lorafit.config import DataSection, EvalSection, ModelSection, TrainSection
+    from lorafit.data.formats import read_dataset
+    from lorafit.data.generate import write_generated
+    from lorafit.data.glossary import load_glossary
+    from lorafit.data.replay import DEFAULT_REPLAY_PROMPTS, base_answers, read_prompts
+    from lorafit.data.tokenize import with_system
+    from lorafit.inference import generate
     from lorafit.model import load_model, load_tokenizer, resolve_precision
-    from lorafit.shipped import available
+    from lorafit.shipped import EXAMPLE_GLOSSARY, available
     from lorafit.sources import resolve_base
 
+    monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "home"))  # nothing cached: all computed
     base = resolve_base(ModelSection())
     model = load_model(ModelSection(), base.dir, "cpu")
     tokenizer = load_tokenizer(base.dir)
     precision = resolve_precision(TrainSection().precision, "cpu")
     key = model_key(base.record(), model, precision)
-    if f"{key}.jsonl" not in available(FOLDER):
-        assert answer_cache.shipped_answers(key) == {}
+    replay = [chat_prompt(p, None) for p in read_prompts(DEFAULT_REPLAY_PROMPTS)]
+    if f"{key}.jsonl" not in available(FOLDER):  # the real path computes every answer
+        computed = []
+        cached_answers(key, replay[:2], 32, lambda ps: computed.extend(ps) or [("", 1)] * 2)
+        assert computed == replay[:2]
         return
+    ship = answer_cache.shipped_answers(key)
     args = (model, tokenizer, None, DEFAULT_REPLAY_PROMPTS, None)
     live = base_answers(*args, needed=1, seed=DataSection().seed, precision=precision)
-    ship = answer_cache.shipped_answers(key)
     assert len(live) == 48
     for row in live:
         record = ship[_prompt_key(chat_prompt(row["prompt"], None), 32)]
         assert (record["text"], record["stopped"]) == (row["response"], row["stopped"])
+    # the demo's held-out questions: generate() sorts by length, so the shortest 48 are
+    # the demo's first batch
+    data = DataSection()  # the demo's data, as `lorafit demo` generates it
+    write_generated(
+        load_glossary(EXAMPLE_GLOSSARY),
+        tmp_path / "d",
+        seed=data.seed,
+        unknown_train=data.unknown_terms,
+        kinds=data.kinds,
+        eval_kinds=data.eval_kinds,
+    )
+    held_out = [with_system(e, None) for e in read_dataset(tmp_path / "d" / "eval.jsonl").examples]
+    first = sorted(held_out, key=lambda p: len(str(p)))[:48]
+    n = EvalSection().max_new_tokens
+    answers = generate(model, tokenizer, first, n, 48, precision=precision)
+    for prompt, (text, stopped) in zip(first, answers, strict=True):
+        record = ship[_prompt_key(prompt, n)]
+        assert (record["text"], record["stopped"]) == (text, stopped)

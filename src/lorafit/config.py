@@ -227,8 +227,10 @@ class EvalSection(_Section):
     limit: int | None = Field(None, description="Evaluate only the first N prompts.")
     cache_base_answers: bool = Field(
         True,
-        description="Reuse the base model's answers from earlier evaluations on the same base, "
-        "prompts and settings (they do not change; cached in $LORAFIT_HOME/answers).",
+        description="Reuse the base model's answers (evaluation and replay) from earlier runs "
+        "on the same base, prompts and settings, or shipped with lorafit for the embedded "
+        "model on this kind of machine (they do not change; cached in "
+        "$LORAFIT_HOME/answers). false: compute every one.",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",

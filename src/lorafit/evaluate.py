@@ -18,6 +18,7 @@ regressions: the forgetting a fine-tune caused.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from lorafit.answer_cache import cached_answers, model_key
@@ -83,14 +84,16 @@ def answer_sets(
     progress=None,
     base_record=None,
     precision: str = "fp32",
+    sources=None,
 ):
     """[(base answers, tuned answers)] for each (prompts, max_new_tokens) job, computed in
     ``precision`` (lorafit.inference.autocast_for).
 
-    ``progress(done, total)`` is called after every generated batch.
+    ``progress(done, total)`` is called after every generated batch; ``sources`` (a Counter)
+    counts where the base answers came from: shipped, cached or computed.
 
     Every base answer comes first (adapter disabled), from lorafit.answer_cache where an
-    earlier evaluation on the same base already gave it (``base_record``: run.json's
+    earlier run on the same base already gave it, or lorafit ships it for this machine kind (``base_record``: run.json's
     base_model; None: no cache). The tuned answers then run with the adapter merged into the
     weights, which generates faster than LoRA's extra matmuls per layer. Quantized bases keep
     the adapter separate (merging into 4/8-bit weights is lossy).
@@ -115,6 +118,7 @@ def answer_sets(
                     model, tok, todo, n, batch_size, progress, precision=precision
                 ),
                 progress,
+                sources,
             )
             for p, n in jobs
         ]
@@ -209,7 +213,10 @@ def evaluate(
     base_record = run.info().get("base_model") if settings.cache_base_answers else None
     device = str(next(loaded.model.parameters()).device)
     precision = applied_precision(loaded.model, resolve_precision(settings.precision, device))
-    answers = answer_sets(loaded, jobs, settings.batch_size, progress, base_record, precision)
+    sources: Counter = Counter()
+    answers = answer_sets(
+        loaded, jobs, settings.batch_size, progress, base_record, precision, sources
+    )
     rows = prediction_rows(examples, *answers.pop(0))
     metrics = {
         "base": score(rows, "base"),
@@ -218,6 +225,8 @@ def evaluate(
         "data": str(data),
         "judge": f"key-word recall >= {KEY_RECALL}; per kind: lorafit.judge.judge_kind",
         "precision": precision,
+        # where the base model's answers came from (lorafit.answer_cache); tuned: computed
+        "base_answers": {k: sources[k] for k in ("shipped", "cached", "computed")},
     }
     out = Path(output) if output else run.eval_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,16 +216,19 @@ def replay_rows(config: Config, model, tokenizer, base_record: dict | None, doma
     if not prompts_file.is_file():
         raise LorafitError(f"data.replay_prompts: {prompts_file} does not exist")
     precision = resolve_precision(config.train.precision, str(next(model.parameters()).device))
+    cache = base_record is not None and config.eval.cache_base_answers
+    sources: Counter = Counter()
     answers = base_answers(
         model,
         tokenizer,
-        model_key(base_record, model, precision) if base_record else None,
+        model_key(base_record, model, precision) if cache else None,
         prompts_file,
         config.data.system_prompt,
         needed=count,
         seed=config.data.seed,
         max_new_tokens=config.data.replay_max_tokens,
         precision=precision,
+        sources=sources,
     )
     examples = replay_examples(answers, count, config.data.seed)
     rows, _ = tokenize_all(tokenizer, examples, config.data.max_length, config.data.system_prompt)
@@ -245,4 +249,5 @@ def replay_rows(config: Config, model, tokenizer, base_record: dict | None, doma
         "distinct": min(usable, len(rows)),
         "answers_that_stopped": usable,
         "tokens": sum(len(r.input_ids) for r in rows),
+        "answers": {k: sources[k] for k in ("shipped", "cached", "computed")},  # base model's
     }

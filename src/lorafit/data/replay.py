@@ -49,9 +49,11 @@ def base_answers(
     seed: int = 0,
     max_new_tokens: int = REPLAY_MAX_NEW_TOKENS,
     precision: str = "fp32",
+    sources=None,
 ) -> list[dict]:
     """The base model's greedy answers to replay prompts, in a seeded order, computed in
-    ``precision`` and cached under ``key`` (lorafit.answer_cache.model_key; None: no cache).
+    ``precision`` and cached under ``key`` (lorafit.answer_cache.model_key; None: no cache;
+    ``sources``: a Counter of where the answers came from).
 
     Prompts are answered in batches until ``needed`` answers ended by themselves (all of them
     when ``needed`` is None); a later run that needs more extends the same cache. One process
@@ -84,7 +86,7 @@ def base_answers(
             break
         batch = order[start : start + BATCH]
         prompts = [chat_prompt(p, system_prompt) for p in batch]
-        answers = cached_answers(key, prompts, max_new_tokens, answer)
+        answers = cached_answers(key, prompts, max_new_tokens, answer, sources=sources)
         rows += [
             {"prompt": p, "response": text, "stopped": stopped}
             for p, (text, stopped) in zip(batch, answers, strict=True)
