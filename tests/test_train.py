@@ -269,6 +269,10 @@ def test_base_answers_come_from_the_cache_the_second_time(tiny_run, tmp_path, mo
     monkeypatch.setattr(evaluate_module, "generate", counting)
     second = evaluate_module.evaluate(tiny_run, data, tmp_path / "b", settings, probes=None)
     assert calls == [3]  # the tuned answers only: the base answers came from the cache
+    assert sum(first["base_answers"].values()) == 3
+    assert second["base_answers"] == {"shipped": 0, "cached": 3, "computed": 0}
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "0 shipped with lorafit for this kind of machine, 3 from this machine's cache" in report
     rows = [
         [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
         for d in ("a", "b")
@@ -277,8 +281,8 @@ def test_base_answers_come_from_the_cache_the_second_time(tiny_run, tmp_path, mo
     assert first["base"]["accuracy"] == second["base"]["accuracy"]
     calls.clear()
     no_cache = EvalSection(max_new_tokens=8, cache_base_answers=False)
-    evaluate_module.evaluate(tiny_run, data, tmp_path / "c", no_cache, probes=None)
-    assert calls == [3, 3]
+    third = evaluate_module.evaluate(tiny_run, data, tmp_path / "c", no_cache, probes=None)
+    assert calls == [3, 3] and third["base_answers"]["computed"] == 3
     # answers computed in another precision are other answers: never taken from the other's
     # cache (the runs above were "auto": fp32 or bf16 by machine, so this one starts afresh)
     calls.clear()

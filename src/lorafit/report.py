@@ -65,11 +65,23 @@ def kind_cells(metrics: dict) -> list[list[str]]:
     ]
 
 
+def answers_source(metrics: dict) -> str:
+    """Where the base model's answers came from (lorafit.answer_cache), in words."""
+    src = metrics.get("base_answers")
+    if not src:
+        return ""
+    return (
+        f"Base model's answers: {src['shipped']} shipped with lorafit for this kind of machine, "
+        f"{src['cached']} from this machine's cache, {src['computed']} computed now; "
+        "the tuned model's are all computed now."
+    )
+
+
 def report_md(metrics: dict, rows: list[dict], probe_rows: list[dict], limit: int = 30) -> str:
     lines = [
         "# lorafit evaluation",
         "",
-        f"{metrics['n']} held-out prompts.",
+        f"{metrics['n']} held-out prompts. {answers_source(metrics)}".rstrip(),
         "",
         "| " + " | ".join(METRIC_COLUMNS) + " |",
         "|---" * len(METRIC_COLUMNS) + "|",
@@ -130,7 +142,8 @@ def render(metrics: dict, rows: list[dict], probe_rows: list[dict], run_dir: Pat
         f"<title>lorafit evaluation: {esc(run_dir.name)}</title><style>{STYLE}</style></head><body>",
         "<h1>lorafit evaluation</h1>",
         f"<p class='sub'>run <code>{esc(str(run_dir))}</code> · {metrics['n']} held-out prompts "
-        f"from <code>{esc(str(metrics.get('data', '')))}</code> · judge: {esc(metrics['judge'])}</p>",
+        f"from <code>{esc(str(metrics.get('data', '')))}</code> · judge: {esc(metrics['judge'])}"
+        f"<br>{esc(answers_source(metrics))}</p>",
         "<table><tr>" + "".join(f"<th>{c}</th>" for c in METRIC_COLUMNS) + "</tr>",
     ]
     for name in ("base", "tuned"):
