@@ -8,7 +8,9 @@ and machine that compute them (library versions, CPU kind, device and dtype: flo
 sums in other orders can flip a near-tie). Greedy decoding is deterministic for all of these
 fixed, so a cached answer is the answer the model would give again, up to near-ties: a prompt
 batched with others of other lengths (another batch size, another set of prompts) can flip a
-near-tie too, and so can another CPU of the same instruction sets.
+near-tie too, and so can another number of compute threads (1 of the demo's first 48 held-out
+answers differs at 1 thread from 2) or another CPU of the same instruction sets. Those are not
+in the key: they would keep every machine from the shipped answers for a near-tie or two.
 
 lorafit also ships answers of its embedded default model (``lorafit:answers/KEY.jsonl``), made
 by ``make base-answers`` with the demo on one machine kind: the demo's held-out questions,
@@ -100,10 +102,13 @@ def model_identity(base_record: dict, model, precision: str = "fp32") -> dict:
 
 
 def write_shipped_identity(folder: str | Path) -> Path:
-    """Write ``KEY.json`` (what the key stands for) next to the answers ``make base-answers``
-    made in ``folder`` with the demo's model and precision on this machine, so that a test can
-    tell, on any machine, that shipped answers are stale (another lorafit answer version,
-    other libraries)."""
+    """Write ``KEY.json`` (what the key stands for, and the compute threads, which are not in
+    the key but can tip a near-tie) next to the answers ``make base-answers`` made in
+    ``folder`` with the demo's model and precision on this machine, so that a test can tell, on
+    any machine, that shipped answers are stale (another lorafit answer version, other
+    libraries), and recompute some in the same conditions."""
+    import torch
+
     from lorafit.config import load_config
     from lorafit.model import load_model, resolve_precision
     from lorafit.rundir import write_json
@@ -116,7 +121,9 @@ def write_shipped_identity(folder: str | Path) -> Path:
     answers = Path(folder) / f"{key_of(identity)}.jsonl"
     if not answers.is_file():
         raise FileNotFoundError(f"{answers}: the demo's answers are not under this machine's key")
-    write_json(answers.with_suffix(".json"), identity)
+    write_json(
+        answers.with_suffix(".json"), {"identity": identity, "threads": torch.get_num_threads()}
+    )
     return answers.with_suffix(".json")
 
 
