@@ -43,7 +43,7 @@ def test_a_model_is_keyed_by_its_content_not_where_it_lies(monkeypatch):
     assert model_key(folder, model) != model_key({**folder, "source": "/n"}, model)
 
 
-def test_quantized_weights_are_other_answers(tiny_model_dir):
+def test_quantized_weights_are_other_answers(monkeypatch):
     """A 4-bit base answers otherwise than the same weights in full precision; its first
     parameter (the embeddings) is never quantized, so the key must say it."""
     import lorafit.inference
@@ -54,12 +54,8 @@ def test_quantized_weights_are_other_answers(tiny_model_dir):
     model = _Model()
     full = model_key(SHIPPED, model)
     model.config = _Config()
-    original = lorafit.inference.is_quantized
-    try:
-        lorafit.inference.is_quantized = lambda m: True
-        assert model_key(SHIPPED, model) != full
-    finally:
-        lorafit.inference.is_quantized = original
+    monkeypatch.setattr(lorafit.inference, "is_quantized", lambda m: True)
+    assert model_key(SHIPPED, model) != full
 
 
 def test_shipped_answers_are_used_and_never_written(tmp_path, monkeypatch):

@@ -47,10 +47,9 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 def cpu_isa() -> list[str]:
     """Which of ISA_FLAGS this CPU has (empty where /proc/cpuinfo is missing)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
+    from lorafit.model import cpu_flags
+
+    flags = cpu_flags()
     return [f for f in ISA_FLAGS if f in flags]
 
 

@@ -71,13 +71,17 @@ def quantization_config(cfg: ModelSection):
     )
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 matmul (AVX512-BF16 / AMX): autocast pays there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def load_model(cfg: ModelSection, model_dir: str | Path | None = None, device: str | None = None):
