@@ -114,6 +114,72 @@ def test_batched_generation_gives_the_one_at_a_time_answers(tiny_model_dir):
         assert text == tok.decode(row, skip_special_tokens=True).strip()
 
 
+def _through_end(row: list[int], end: int) -> list[int]:
+    return row[: row.index(end) + 1] if end in row else row
+
+
+def test_ended_answers_leave_the_batch_and_the_others_answer_as_transformers_does(tiny_model_dir):
+    """greedy_ids drops a row from the batch and its KV cache once it ends; the rows left keep
+    transformers' tokens. The end token is picked so that rows end at different steps."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lorafit.inference import (
+        _prompt_text,
+        chat_prompt,
+        greedy_ids,
+        load_for_inference,
+        transformers_greedy_ids,
+    )
+
+    loaded = load_for_inference(tiny_model_dir, device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    questions = ["Hi", "What is 1+1?", "Name three colors, please.", "Why?", "Say more about it."]
+    tok.padding_side = "left"
+    texts = [_prompt_text(tok, chat_prompt(q, None)) for q in questions]
+    enc = dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+    with torch.no_grad():
+        free = transformers_greedy_ids(
+            model, SimpleNamespace(eos_token_id=-1, pad_token_id=0), enc, 16
+        )
+    end = free[0][2]  # the first row ends at its third token; the others where it turns up
+    ends = SimpleNamespace(eos_token_id=end, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        ours = greedy_ids(model, ends, enc, 16)
+        theirs = transformers_greedy_ids(model, ends, enc, 16)
+    assert [len(r) for r in ours] != [16] * len(questions), "no row ended early: a void test"
+    assert any(end not in r for r in ours), "every row ended: a void test"
+    assert ours == [_through_end(r, end) for r in theirs]
+
+
+def test_a_model_that_shapes_greedy_answers_goes_to_transformers_generate(tiny_model_dir):
+    """Suppressed tokens (or a repetition penalty, ...) in the model's generation config change
+    greedy answers; lorafit's loop does not apply them, so such a model is answered by
+    transformers' generate."""
+    import torch
+
+    from lorafit.inference import (
+        _prompt_text,
+        chat_prompt,
+        greedy_ids,
+        load_for_inference,
+        transformers_greedy_ids,
+    )
+
+    loaded = load_for_inference(tiny_model_dir, device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    tok.padding_side = "left"
+    texts = [_prompt_text(tok, chat_prompt(q, None)) for q in ("Hi", "What is 1+1?")]
+    enc = dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+    with torch.no_grad():
+        plain = greedy_ids(model, tok, enc, 24)
+        model.generation_config.suppress_tokens = [plain[0][0]]
+        shaped = greedy_ids(model, tok, enc, 24)
+        assert shaped == transformers_greedy_ids(model, tok, enc, 24)
+    assert shaped[0][0] != plain[0][0]
+
+
 def test_score_reports_accuracy_per_kind_from_the_rows_verdicts():
     rows = [
         {"prompt": "q", "reference": "r", "kind": kind, "tuned": "a", "tuned_stopped": True}

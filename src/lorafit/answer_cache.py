@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 FOLDER = "answers"
 # bump when lorafit's generation or prompt rendering changes what the base model answers:
 # every cached and shipped answer is then stale (make base-answers ships new ones)
-ANSWERS_VERSION = 2
+ANSWERS_VERSION = 3  # 3: ended answers leave their batch (inference.greedy_ids)
 # the instruction sets CPU matmul kernels dispatch on: another set sums in another order
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
