@@ -69,6 +69,70 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(lora_model, tokenizer):
         assert relative < 1e-4, (name, relative)
 
 
+def _grid(rows=6, heads=9, kv_heads=3, length=20, prefix=8, dim=16, seed=0):
+    """Query, key, value and mask of a rows grid with rows of different lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, heads, length, dim, generator=gen, requires_grad=True)
+    k = torch.randn(rows, kv_heads, prefix + length, dim, generator=gen, requires_grad=True)
+    v = torch.randn(rows, kv_heads, prefix + length, dim, generator=gen, requires_grad=True)
+    cells = torch.arange(length)
+    lengths = torch.linspace(3, length, rows).long()
+    own = (cells[None, :] <= cells[:, None])[None] & (cells[None] < lengths[:, None])[:, None, :]
+    mask = torch.cat([torch.ones(rows, length, prefix, dtype=torch.bool), own], 2)[:, None]
+    return q, k, v, mask
+
+
+def _attention_and_grads(fn, q, k, v, mask, bf16: bool):
+    for t in (q, k, v):
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = fn(q, k, v, mask)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach().float(), [t.grad.clone() for t in (q, k, v)]
+
+
+def test_rows_attention_multiplied_out_under_cpu_autocast_matches_sdpa():
+    """attend_rows' matmul attention (CPU bf16 autocast) gives SDPA's attention and gradients
+    in float32 up to bf16 rounding, with grouped key/value heads and padded rows."""
+    from lorafit import loss
+
+    def sdpa(q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=True
+        )
+
+    grid = _grid()
+    want, want_grads = _attention_and_grads(sdpa, *grid, bf16=False)
+    got, got_grads = _attention_and_grads(loss.attend_rows, *grid, bf16=True)
+    assert (got - want).abs().max() < 0.05
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert (g - w).norm() / w.norm() < 0.02
+    # the tolerance tells groupings apart: query heads on the wrong key/value heads are far off
+    q, k, v, mask = grid
+    k, v = (t[:, [1, 2, 0]].detach().requires_grad_() for t in (k, v))
+    rotated, _ = _attention_and_grads(sdpa, q, k, v, mask, bf16=False)
+    assert (rotated - want).abs().max() > 0.2
+
+
+def test_rows_attention_keeps_sdpa_in_float32_and_for_long_grids(monkeypatch):
+    """fp32 (where SDPA is as fast) and grids over the score budget (memory) take SDPA itself."""
+    from lorafit import loss
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        loss.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw)
+    )
+    grid = _grid()
+    _attention_and_grads(loss.attend_rows, *grid, bf16=False)
+    assert len(calls) == 1
+    _attention_and_grads(loss.attend_rows, *grid, bf16=True)
+    assert len(calls) == 1  # multiplied out
+    monkeypatch.setattr(loss, "MATMUL_ATTENTION_MAX_SCORES", 100)
+    _attention_and_grads(loss.attend_rows, *grid, bf16=True)
+    assert len(calls) == 2
+
+
 def test_a_wrong_mask_would_be_caught(lora_model, tokenizer, monkeypatch):
     """The comparison above can fail: drop the prefix from the rows' view and it differs."""
     import lorafit.loss as loss_module

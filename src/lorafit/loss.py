@@ -173,6 +173,7 @@ class RowLayout:
     gather: torch.Tensor  # (rows, length): packed suffix index of each grid cell
     valid: torch.Tensor  # (rows, length): the cell holds a real token, not padding
     mask: torch.Tensor  # (rows, 1, length, prefix + length): what each cell may attend to
+    cells: torch.Tensor  # (packed,): the grid cell (flat) of each packed suffix token
 
     @classmethod
     def of(cls, spans, prefix: int, device) -> RowLayout:
@@ -185,15 +186,73 @@ class RowLayout:
         causal = cells[None, :] <= cells[:, None]
         own = causal[None] & valid[:, None, :]
         seen = torch.ones(len(spans), width, prefix, dtype=torch.bool, device=device)
-        return cls(prefix, gather, valid, torch.cat([seen, own], dim=2)[:, None])
+        mask = torch.cat([seen, own], dim=2)[:, None]
+        return cls(prefix, gather, valid, mask, valid.flatten().nonzero().squeeze(1))
+
+
+# The grid is built and undone with index_select (backward: index_add) rather than advanced
+# indexing (backward: index_put with accumulate), which took ~10% of a CPU training step.
+
+
+def _to_grid(packed: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    """(heads, packed, dim) -> (rows, heads, length, dim)."""
+    rows, width = layout.gather.shape
+    grid = packed.index_select(1, layout.gather.flatten())
+    return grid.view(packed.shape[0], rows, width, packed.shape[-1]).transpose(0, 1)
+
+
+def _from_grid(grid: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    """(rows, heads, length, dim) -> (heads, packed, dim), packed order, padding dropped."""
+    heads, dim = grid.shape[1], grid.shape[-1]
+    return grid.transpose(0, 1).reshape(heads, -1, dim).index_select(1, layout.cells)
 
 
 def _rows(states: torch.Tensor, layout: RowLayout) -> torch.Tensor:
     """(1, heads, prefix + packed, dim) -> (rows, heads, prefix + length, dim)."""
     rows, prefix = layout.gather.shape[0], layout.prefix
     shared = states[0, :, :prefix].unsqueeze(0).expand(rows, -1, -1, -1)
-    own = states[0, :, prefix:][:, layout.gather].transpose(0, 1)
-    return torch.cat([shared, own], dim=2)
+    return torch.cat([shared, _to_grid(states[0, :, prefix:], layout)], dim=2)
+
+
+# scores of one layer's rows grid, (rows, heads, length, prefix + length) entries, up to which
+# attend_rows multiplies them out under CPU autocast: ~6 bytes each are kept for backward
+# (SDPA keeps none), so longer grids stay with SDPA
+MATMUL_ATTENTION_MAX_SCORES = 4_000_000
+
+
+def attend_rows(q, k, v, mask, dropout: float = 0.0, scaling: float | None = None):
+    """Attention of the rows grid: (rows, heads, length, dim) queries, (rows, kv heads,
+    prefix + length, dim) keys/values, a boolean mask (rows, 1, length, prefix + length).
+
+    Under bf16/fp16 autocast on a CPU, torch's SDPA kernel is slow for these short rows:
+    its backward took 31% of a demo training step, more than every matmul together.
+    Two batched matmuls and a float32 softmax give the same attention 2-5x faster there
+    (bench/attention.py); fp32 and GPUs keep SDPA, which is as fast or faster for them.
+    """
+    scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    if (
+        q.device.type != "cpu"
+        or not torch.is_autocast_enabled("cpu")
+        or dropout
+        or scores > MATMUL_ATTENTION_MAX_SCORES
+    ):
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+    rows, heads, length, dim = q.shape
+    groups = heads // k.shape[1]  # query heads per key/value head, as SDPA's enable_gqa
+    scale = scaling if scaling is not None else dim**-0.5
+    grouped = q.reshape(rows, k.shape[1], groups * length, dim)
+    logits = (grouped @ k.transpose(-1, -2)).view(rows, k.shape[1], groups, length, -1) * scale
+    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+    weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)
+    return (weights.view(rows, k.shape[1], groups * length, -1) @ v).view(q.shape)
 
 
 def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -214,17 +273,9 @@ def rows_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         scale=scaling,
         enable_gqa=gqa,
     )
-    q = query[0][:, prefix:][:, layout.gather].transpose(0, 1)  # (rows, heads, length, dim)
-    out = F.scaled_dot_product_attention(
-        q,
-        _rows(key, layout),
-        _rows(value, layout),
-        attn_mask=layout.mask,
-        dropout_p=dropout,
-        scale=scaling,
-        enable_gqa=gqa,
-    )
-    packed = out.transpose(0, 1)[:, layout.valid]  # (heads, packed, dim), packed order
+    q = _to_grid(query[0][:, prefix:], layout)  # (rows, heads, length, dim)
+    out = attend_rows(q, _rows(key, layout), _rows(value, layout), layout.mask, dropout, scaling)
+    packed = _from_grid(out, layout)  # (heads, packed, dim), packed order
     return torch.cat([opening[0], packed], dim=1).transpose(0, 1)[None].contiguous(), None
 
 
