@@ -145,12 +145,20 @@ def test_ended_answers_leave_the_batch_and_the_others_answer_as_transformers_doe
         )
     end = free[0][2]  # the first row ends at its third token; the others where it turns up
     ends = SimpleNamespace(eos_token_id=end, pad_token_id=tok.pad_token_id)
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: batch_sizes.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
     with torch.no_grad():
         ours = greedy_ids(model, ends, enc, 16)
+        hook.remove()
         theirs = transformers_greedy_ids(model, ends, enc, 16)
     assert [len(r) for r in ours] != [16] * len(questions), "no row ended early: a void test"
     assert any(end not in r for r in ours), "every row ended: a void test"
     assert ours == [_through_end(r, end) for r in theirs]
+    # the forward of step k runs only the rows that had not ended before it
+    assert batch_sizes == [sum(len(r) > k for r in ours) for k in range(max(map(len, ours)))]
+    assert batch_sizes[-1] < len(questions)
 
 
 def test_a_model_that_shapes_greedy_answers_goes_to_transformers_generate(tiny_model_dir):

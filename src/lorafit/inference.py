@@ -110,22 +110,55 @@ def generate(
     return results
 
 
-# generation settings a model may ship that change greedy answers: ``greedy_ids`` leaves a
-# model that sets any of them to transformers' own generate, which applies them
-_SHAPING = (
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "bad_words_ids",
-    "suppress_tokens",
-    "begin_suppress_tokens",
-    "min_length",
-    "min_new_tokens",
-    "forced_bos_token_id",
-    "forced_eos_token_id",
-    "sequence_bias",
-    "encoder_repetition_penalty",
-)
-_NEUTRAL = (None, 0, 1.0, [], {})
+# generation-config settings that change what generate(do_sample=False) answers, with the
+# values that leave it alone: a model that ships another value goes to transformers' generate,
+# which applies it (beam, contrastive and DoLa searches are caught by the generation mode)
+_SHAPING = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None, []),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),  # 0 is a token
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None, {}),
+    "guidance_scale": (None, 1.0),
+    "exponential_decay_length_penalty": (None,),
+    "watermarking_config": (None,),
+    "cache_implementation": (None, "dynamic"),
+    "stop_strings": (None, [], ""),
+    "token_healing": (None, False),
+}
+
+
+def _own_loop_fits(lm, cache) -> bool:
+    """Whether ``greedy_ids``' loop answers ``lm`` as transformers' generate would: greedy
+    search, no setting that shapes it, transformers' own model code with the default input
+    preparation (Phi-3's longrope and multimodal models override it), and a cache whose layers
+    are all plain or sliding-window key/value layers (linear-attention and hybrid layers keep
+    states that leaving rows would not take with them)."""
+    import copy
+
+    from transformers import GenerationConfig
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.generation import GenerationMixin
+    from transformers.generation.configuration_utils import GenerationMode
+
+    settings = copy.deepcopy(getattr(lm, "generation_config", None) or GenerationConfig())
+    settings.do_sample = False
+    return (
+        settings.get_generation_mode() == GenerationMode.GREEDY_SEARCH
+        and all(getattr(settings, name, None) in ok for name, ok in _SHAPING.items())
+        and not getattr(lm.config, "is_encoder_decoder", False)
+        and not lm.is_custom_code()
+        and type(lm).prepare_inputs_for_generation is GenerationMixin.prepare_inputs_for_generation
+        and bool(cache.layers)
+        and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers)
+    )
 
 
 def greedy_ids(model, tokenizer, enc: dict, max_new_tokens: int) -> list[list[int]]:
@@ -136,59 +169,64 @@ def greedy_ids(model, tokenizer, enc: dict, max_new_tokens: int) -> list[list[in
     on a CPU a batch of short answers pays for its longest: 58% of the slots went to ended
     rows in the demo's tuned eval. Here an ended row leaves the batch and its KV cache
     (``Cache.batch_select_indices``): the same tokens as generate's, 1.36x faster on the
-    demo's 444 held-out questions (bench/generation.py --compare loop). Models whose
-    generation config shapes greedy answers (a repetition penalty, ...) and encoder-decoder
-    models go to generate itself.
+    demo's 444 held-out questions (bench/generation.py --compare loop). A model the loop does
+    not fit (``_own_loop_fits``) goes to generate itself.
     """
     import inspect
 
     import torch
     from transformers import DynamicCache
 
-    end = tokenizer.eos_token_id
-    settings = getattr(model, "generation_config", None)
-    config = model.config
-    shaped = any(getattr(settings, name, None) not in _NEUTRAL for name in _SHAPING)
-    if shaped or getattr(config, "is_encoder_decoder", False):
+    from lorafit.loss import _causal_lm
+
+    lm = _causal_lm(model)
+    cache = DynamicCache(config=lm.config)
+    if not _own_loop_fits(lm, cache):
         return transformers_greedy_ids(model, tokenizer, enc, max_new_tokens)
+    end = tokenizer.eos_token_id
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    rows = torch.arange(ids.shape[0])
-    new: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    rows = list(range(ids.shape[0]))  # the batch's rows still answering, as input rows
+    new: list[list[int]] = [[] for _ in rows]
     if max_new_tokens <= 0:
         return new
-    cache = DynamicCache(config=config)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     keep_last = {}
-    if "logits_to_keep" in inspect.signature(_forward_of(model)).parameters:
-        keep_last = {"logits_to_keep": 1}  # a prompt's logits over 49k tokens are not needed
-    logits = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        **keep_last,
-    ).logits[:, -1]
-    position = positions[:, -1:]
-    for step in range(max_new_tokens):
-        token = logits.argmax(-1)
-        for row, t in zip(rows.tolist(), token.tolist(), strict=True):
-            new[row].append(t)
-        going = (token != end).nonzero().squeeze(1)
-        if step == max_new_tokens - 1 or going.numel() == 0:
-            break
-        if going.numel() < token.numel():
-            cache.batch_select_indices(going)
-            rows, mask, token, position = rows[going], mask[going], token[going], position[going]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        position = position + 1
-        logits = model(
-            input_ids=token[:, None],
+    if "logits_to_keep" in inspect.signature(lm.forward).parameters:
+        keep_last = {"logits_to_keep": 1}  # a prompt's logits over the vocabulary are not needed
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
             attention_mask=mask,
-            position_ids=position,
+            position_ids=positions,
             cache=cache,
             use_cache=True,
-        ).logits[:, -1]
+            **keep_last,
+        )
+        position = positions[:, -1:]
+        for step in range(max_new_tokens):
+            token = out.logits[:, -1].argmax(-1)
+            tokens = token.tolist()
+            for row, t in zip(rows, tokens, strict=True):
+                new[row].append(t)
+            going = [i for i, t in enumerate(tokens) if t != end]
+            if step == max_new_tokens - 1 or not going:
+                break
+            cache = out.cache if getattr(out, "cache", None) is not None else cache
+            if len(going) < len(tokens):
+                # a host index: it selects from tensors on any device (layers spread on GPUs)
+                keep = torch.tensor(going)
+                cache.batch_select_indices(keep)
+                rows = [rows[i] for i in going]
+                mask, token, position = mask[keep], token[keep], position[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            position = position + 1
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=position,
+                cache=cache,
+                use_cache=True,
+            )
     return new
 
 
@@ -202,13 +240,6 @@ def transformers_greedy_ids(model, tokenizer, enc: dict, max_new_tokens: int) ->
         eos_token_id=tokenizer.eos_token_id,
     )
     return out[:, enc["input_ids"].shape[1] :].tolist()
-
-
-def _forward_of(model):
-    """The forward whose signature says what the model accepts (PEFT's wrapper takes **kwargs)."""
-    from lorafit.loss import _causal_lm
-
-    return _causal_lm(model).forward
 
 
 def is_quantized(model) -> bool:
