@@ -114,6 +114,27 @@ def test_rows_attention_multiplied_out_under_cpu_autocast_matches_sdpa():
     assert (rotated - want).abs().max() > 0.2
 
 
+def test_shared_prefix_under_bf16_autocast_stays_as_near_float32_as_the_plain_pass(
+    lora_model, tokenizer
+):
+    """The matmul attention in a real shared-prefix pass under bf16 autocast (the trainer
+    checks sharing in fp32, where SDPA runs): loss and gradients as near the float32 ones as
+    the plain bf16 pass's, within a factor of two (this random model amplifies rounding: the
+    plain bf16 pass's gradients are ~18% off float32's)."""
+    batch = _packed(tokenizer, QUESTIONS)
+    exact, _, grads = _loss_and_grads(lora_model, batch, shared=False)
+
+    def off(shared: bool) -> tuple[float, float]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _, got = _loss_and_grads(lora_model, batch, shared=shared)
+        worst = max(float((got[n] - g).norm() / g.norm()) for n, g in grads.items())
+        return abs(float(loss - exact)) / float(exact), worst
+
+    (plain_loss, plain_grads), (shared_loss, shared_grads) = off(False), off(True)
+    assert shared_loss < max(2 * plain_loss, 1e-3)
+    assert shared_grads < 2 * plain_grads
+
+
 def test_rows_attention_keeps_sdpa_in_float32_and_for_long_grids(monkeypatch):
     """fp32 (where SDPA is as fast) and grids over the score budget (memory) take SDPA itself."""
     from lorafit import loss

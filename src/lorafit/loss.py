@@ -215,7 +215,7 @@ def _rows(states: torch.Tensor, layout: RowLayout) -> torch.Tensor:
 
 
 # scores of one layer's rows grid, (rows, heads, length, prefix + length) entries, up to which
-# attend_rows multiplies them out under CPU autocast: ~6 bytes each are kept for backward
+# attend_rows multiplies them out under CPU bf16 autocast: ~6 bytes each are kept for backward
 # (SDPA keeps none), so longer grids stay with SDPA
 MATMUL_ATTENTION_MAX_SCORES = 4_000_000
 
@@ -224,15 +224,20 @@ def attend_rows(q, k, v, mask, dropout: float = 0.0, scaling: float | None = Non
     """Attention of the rows grid: (rows, heads, length, dim) queries, (rows, kv heads,
     prefix + length, dim) keys/values, a boolean mask (rows, 1, length, prefix + length).
 
-    Under bf16/fp16 autocast on a CPU, torch's SDPA kernel is slow for these short rows:
-    its backward took 31% of a demo training step, more than every matmul together.
-    Two batched matmuls and a float32 softmax give the same attention 2-5x faster there
-    (bench/attention.py); fp32 and GPUs keep SDPA, which is as fast or faster for them.
+    Under bf16 autocast on a CPU, torch's SDPA kernel is slow for these short rows: its
+    backward took 31% of a demo training step, more than every matmul together. Two batched
+    matmuls and a float32 softmax give the attention 2-2.5x faster there (bench/attention.py),
+    as transformers' eager attention computes it in bf16: the scores are rounded to bf16
+    before the softmax, where SDPA keeps them in float32. Scores kept in float32 cost a
+    third of the gain and did not bring the gradients of a test model nearer to float32's
+    (loss and answers of the demo were unchanged by the switch, see README). fp32 and GPUs
+    keep SDPA, which is as fast or faster for them.
     """
     scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
     if (
         q.device.type != "cpu"
         or not torch.is_autocast_enabled("cpu")
+        or torch.get_autocast_dtype("cpu") != torch.bfloat16
         or dropout
         or scores > MATMUL_ATTENTION_MAX_SCORES
     ):
