@@ -47,18 +47,25 @@ def dense_mask(lengths: torch.Tensor) -> torch.Tensor:
     return torch.cat([prefix, suffix], 0)[None, None]
 
 
-def compare(rows: int, repeats: int = 30) -> dict:
-    lengths = torch.randint(30, 50, (rows,))
+def packed_layer(rows: int, shortest: int, longest: int):
+    """Row lengths, their RowLayout and one layer's packed q, k, v (prefix + rows)."""
+    lengths = torch.randint(shortest, longest, (rows,))
     total = int(lengths.sum())
     spans, start = [], 0
     for n in lengths.tolist():
         spans.append((start, start + PREFIX + n))
         start += PREFIX + n
     layout = RowLayout.of(spans, PREFIX, "cpu")
-    mask = dense_mask(lengths)
     q = torch.randn(1, HEADS, PREFIX + total, DIM, requires_grad=True)
     k = torch.randn(1, KV_HEADS, PREFIX + total, DIM, requires_grad=True)
     v = torch.randn(1, KV_HEADS, PREFIX + total, DIM, requires_grad=True)
+    return lengths, layout, q, k, v
+
+
+def compare(rows: int, repeats: int = 30) -> dict:
+    lengths, layout, q, k, v = packed_layer(rows, 30, 50)
+    total = int(lengths.sum())
+    mask = dense_mask(lengths)
     module = SimpleNamespace()
 
     def dense():
@@ -86,16 +93,8 @@ def compare(rows: int, repeats: int = 30) -> dict:
 
 def compare_bf16(rows: int, repeats: int = 20) -> dict:
     """rows_attention under CPU bf16 autocast: SDPA vs attend_rows' matmuls (best of rounds)."""
-    lengths = torch.randint(30, 100, (rows,))
+    lengths, layout, q, k, v = packed_layer(rows, 30, 100)
     total = int(lengths.sum())
-    spans, start = [], 0
-    for n in lengths.tolist():
-        spans.append((start, start + PREFIX + n))
-        start += PREFIX + n
-    layout = RowLayout.of(spans, PREFIX, "cpu")
-    q = torch.randn(1, HEADS, PREFIX + total, DIM, requires_grad=True)
-    k = torch.randn(1, KV_HEADS, PREFIX + total, DIM, requires_grad=True)
-    v = torch.randn(1, KV_HEADS, PREFIX + total, DIM, requires_grad=True)
     budget = loss.MATMUL_ATTENTION_MAX_SCORES
     times = {"sdpa_ms": [], "matmul_ms": []}
     outs = {}

@@ -118,6 +118,18 @@ def _through_end(row: list[int], end: int) -> list[int]:
     return row[: row.index(end) + 1] if end in row else row
 
 
+def _left_padded(tiny_model_dir, questions):
+    """(model, tokenizer, a left-padded batch of the questions as chat prompts)."""
+    from lorafit.inference import _prompt_text, chat_prompt, load_for_inference
+
+    loaded = load_for_inference(tiny_model_dir, device="cpu")
+    tok = loaded.tokenizer
+    tok.padding_side = "left"
+    texts = [_prompt_text(tok, chat_prompt(q, None)) for q in questions]
+    enc = dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+    return loaded.model, tok, enc
+
+
 def test_ended_answers_leave_the_batch_and_the_others_answer_as_transformers_does(tiny_model_dir):
     """greedy_ids drops a row from the batch and its KV cache once it ends; the rows left keep
     transformers' tokens. The end token is picked so that rows end at different steps."""
@@ -125,20 +137,10 @@ def test_ended_answers_leave_the_batch_and_the_others_answer_as_transformers_doe
 
     import torch
 
-    from lorafit.inference import (
-        _prompt_text,
-        chat_prompt,
-        greedy_ids,
-        load_for_inference,
-        transformers_greedy_ids,
-    )
+    from lorafit.inference import greedy_ids, transformers_greedy_ids
 
-    loaded = load_for_inference(tiny_model_dir, device="cpu")
-    model, tok = loaded.model, loaded.tokenizer
     questions = ["Hi", "What is 1+1?", "Name three colors, please.", "Why?", "Say more about it."]
-    tok.padding_side = "left"
-    texts = [_prompt_text(tok, chat_prompt(q, None)) for q in questions]
-    enc = dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+    model, tok, enc = _left_padded(tiny_model_dir, questions)
     with torch.no_grad():
         free = transformers_greedy_ids(
             model, SimpleNamespace(eos_token_id=-1, pad_token_id=0), enc, 16
@@ -167,19 +169,9 @@ def test_a_model_that_shapes_greedy_answers_goes_to_transformers_generate(tiny_m
     transformers' generate."""
     import torch
 
-    from lorafit.inference import (
-        _prompt_text,
-        chat_prompt,
-        greedy_ids,
-        load_for_inference,
-        transformers_greedy_ids,
-    )
+    from lorafit.inference import greedy_ids, transformers_greedy_ids
 
-    loaded = load_for_inference(tiny_model_dir, device="cpu")
-    model, tok = loaded.model, loaded.tokenizer
-    tok.padding_side = "left"
-    texts = [_prompt_text(tok, chat_prompt(q, None)) for q in ("Hi", "What is 1+1?")]
-    enc = dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+    model, tok, enc = _left_padded(tiny_model_dir, ["Hi", "What is 1+1?"])
     with torch.no_grad():
         plain = greedy_ids(model, tok, enc, 24)
         model.generation_config.suppress_tokens = [plain[0][0]]

@@ -171,7 +171,6 @@ class RowLayout:
 
     prefix: int  # shared tokens at the start of the sequence
     gather: torch.Tensor  # (rows, length): packed suffix index of each grid cell
-    valid: torch.Tensor  # (rows, length): the cell holds a real token, not padding
     mask: torch.Tensor  # (rows, 1, length, prefix + length): what each cell may attend to
     cells: torch.Tensor  # (packed,): the grid cell (flat) of each packed suffix token
 
@@ -187,7 +186,7 @@ class RowLayout:
         own = causal[None] & valid[:, None, :]
         seen = torch.ones(len(spans), width, prefix, dtype=torch.bool, device=device)
         mask = torch.cat([seen, own], dim=2)[:, None]
-        return cls(prefix, gather, valid, mask, valid.flatten().nonzero().squeeze(1))
+        return cls(prefix, gather, mask, valid.flatten().nonzero().squeeze(1))
 
 
 # The grid is built and undone with index_select (backward: index_add) rather than advanced
