@@ -81,6 +81,8 @@ def generate(
     """
     import torch
 
+    from lorafit.frozen_weights import weights_cast_once
+
     order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))
     results: list[tuple[str, bool]] = [("", False)] * len(prompts)
     pad_side = tokenizer.padding_side
@@ -88,23 +90,25 @@ def generate(
     end_ids = {tokenizer.eos_token_id}
     device = next(model.parameters()).device
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            texts = [_prompt_text(tokenizer, prompts[i]) for i in idx]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            with torch.no_grad(), autocast_for(model, precision):
-                new = greedy_ids(model, tokenizer, enc, max_new_tokens)
-            for row, i in zip(new, idx, strict=True):
-                stopped = any(t in end_ids for t in row)
-                ids = row
-                if stopped:
-                    end = next(k for k, t in enumerate(row) if t in end_ids)
-                    row, ids = row[:end], row[: end + 1]
-                text = tokenizer.decode(row, skip_special_tokens=True).strip()
-                results[i] = (text, stopped, ids) if with_ids else (text, stopped)
-            if progress is not None:
-                progress(len(idx))
+        # under bf16 autocast the frozen weights are cast once, not once per generated token
+        with weights_cast_once(model):
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                texts = [_prompt_text(tokenizer, prompts[i]) for i in idx]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(device) for k, v in enc.items()}
+                with torch.no_grad(), autocast_for(model, precision):
+                    new = greedy_ids(model, tokenizer, enc, max_new_tokens)
+                for row, i in zip(new, idx, strict=True):
+                    stopped = any(t in end_ids for t in row)
+                    ids = row
+                    if stopped:
+                        end = next(k for k, t in enumerate(row) if t in end_ids)
+                        row, ids = row[:end], row[: end + 1]
+                    text = tokenizer.decode(row, skip_special_tokens=True).strip()
+                    results[i] = (text, stopped, ids) if with_ids else (text, stopped)
+                if progress is not None:
+                    progress(len(idx))
     finally:
         tokenizer.padding_side = pad_side
     return results
