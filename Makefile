@@ -53,7 +53,9 @@ endif
 # a one-step demo in a fresh $LORAFIT_HOME, without the shipped answers, keeps its cache
 ANSWERS := src/lorafit/resources/answers
 base-answers: setup
-	rm -rf $(VENV)/base-answers && rm -f $(ANSWERS)/*.jsonl $(ANSWERS)/*.json
+	rm -rf $(VENV)/base-answers
+	$(BIN)/python -c \
+	  "from lorafit.answer_cache import drop_stale_shipped as d; print(d('$(ANSWERS)'))"
 	LORAFIT_HOME=$(VENV)/base-answers/home $(BIN)/lorafit demo \
 	  --output $(VENV)/base-answers/demo --set train.max_steps=1
 	mkdir -p $(ANSWERS) && cp $(VENV)/base-answers/home/answers/*.jsonl $(ANSWERS)/

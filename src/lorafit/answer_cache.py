@@ -108,15 +108,9 @@ def write_shipped_identity(folder: str | Path) -> Path:
     libraries), and recompute some in the same conditions."""
     import torch
 
-    from lorafit.config import load_config
-    from lorafit.model import load_model, resolve_precision
     from lorafit.rundir import write_json
-    from lorafit.sources import resolve_base
 
-    config = load_config("demo", [])
-    base = resolve_base(config.model)
-    model = load_model(config.model, base.dir, "cpu")
-    identity = model_identity(base.record(), model, resolve_precision(config.eval.precision, "cpu"))
+    identity = _demo_identity()
     answers = Path(folder) / f"{key_of(identity)}.jsonl"
     if not answers.is_file():
         raise FileNotFoundError(f"{answers}: the demo's answers are not under this machine's key")
@@ -124,6 +118,36 @@ def write_shipped_identity(folder: str | Path) -> Path:
         answers.with_suffix(".json"), {"identity": identity, "threads": torch.get_num_threads()}
     )
     return answers.with_suffix(".json")
+
+
+def drop_stale_shipped(folder: str | Path) -> list[Path]:
+    """Before ``make base-answers`` makes this machine kind's answers again: delete them, and
+    every shipped file made by another lorafit answer version or other torch/transformers
+    versions (no machine can use those). The current files of other machine kinds stay: this
+    machine cannot make them."""
+    identity = _demo_identity()
+    current = {k: identity[k] for k in ("lorafit", "torch", "transformers")}
+    dropped = []
+    for made in sorted(Path(folder).glob("*.json")):
+        other = json.loads(made.read_text()).get("identity", {})
+        if other == identity or any(other.get(k) != v for k, v in current.items()):
+            for path in (made, made.with_suffix(".jsonl")):
+                if path.exists():
+                    path.unlink()
+                    dropped.append(path)
+    return dropped
+
+
+def _demo_identity() -> dict:
+    """What keys the demo's base answers on this machine (its model, precision, libraries)."""
+    from lorafit.config import load_config
+    from lorafit.model import load_model, resolve_precision
+    from lorafit.sources import resolve_base
+
+    config = load_config("demo", [])
+    base = resolve_base(config.model)
+    model = load_model(config.model, base.dir, "cpu")
+    return model_identity(base.record(), model, resolve_precision(config.eval.precision, "cpu"))
 
 
 def _prompt_key(prompt: list[dict], max_new_tokens: int) -> str:
