@@ -55,7 +55,7 @@ ANSWERS := src/lorafit/resources/answers
 base-answers: setup
 	rm -rf $(VENV)/base-answers
 	$(BIN)/python -c \
-	  "from lorafit.answer_cache import drop_stale_shipped as d; print(d('$(ANSWERS)'))"
+	  "from lorafit.answer_cache import drop_stale_shipped as d; print('dropped', *d('$(ANSWERS)'))"
 	LORAFIT_HOME=$(VENV)/base-answers/home $(BIN)/lorafit demo \
 	  --output $(VENV)/base-answers/demo --set train.max_steps=1
 	mkdir -p $(ANSWERS) && cp $(VENV)/base-answers/home/answers/*.jsonl $(ANSWERS)/

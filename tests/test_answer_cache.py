@@ -110,20 +110,23 @@ def test_an_unreadable_cache_file_is_answered_again(tmp_path, monkeypatch, caplo
 def test_base_answers_keeps_the_other_machine_kinds_current_files(tmp_path, monkeypatch):
     """make base-answers drops this machine's own file (it makes it again) and every stale one,
     and keeps the current answers of other machine kinds, which it cannot make."""
-    here = {"lorafit": 3, "torch": "2.0", "transformers": "5.0", "machine": ["x86_64", ["avx2"]]}
+    here = {"base": {"sha256": "ab"}, "lorafit": 3, "torch": "2.0", "transformers": "5.0"}
+    here["machine"] = ["x86_64", ["avx2"]]
     monkeypatch.setattr(answer_cache, "_demo_identity", lambda: here)
     files = {
         "mine": here,
         "other_kind": {**here, "machine": ["x86_64", ["avx2", "amx_bf16"]]},
         "old_code": {**here, "machine": ["aarch64", []], "lorafit": 2},
         "old_torch": {**here, "torch": "1.9"},
+        "old_model": {**here, "machine": ["aarch64", []], "base": {"sha256": "cd"}},
     }
     for name, identity in files.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({"identity": identity, "threads": 2}))
         (tmp_path / f"{name}.jsonl").write_text("")
+    (tmp_path / "orphan.jsonl").write_text("")  # no KEY.json says what it is
     dropped = answer_cache.drop_stale_shipped(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other_kind.json", "other_kind.jsonl"]
-    assert len(dropped) == 6
+    assert len(dropped) == 9
 
 
 def test_shipped_answer_files_cover_the_replay_prompts():

@@ -36,20 +36,20 @@ def _step(model, x):
 
 
 def _casts(fn):
-    """How many fp32 -> bf16 copies of a weight-shaped tensor ``fn`` makes."""
+    """The shapes of the 2-D fp32 tensors ``fn`` copies to bf16 (weights: activations are 3-D)."""
     seen = []
 
     class Count(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            x = args[0]
+            kwargs = kwargs or {}
             if (
                 func is torch.ops.aten._to_copy.default
-                and x.dim() == 2
-                and x.dtype == torch.float32
+                and kwargs.get("dtype") is torch.bfloat16
+                and args[0].dim() == 2
+                and args[0].dtype == torch.float32
             ):
-                seen.append(tuple(x.shape))
-            return out
+                seen.append(tuple(args[0].shape))
+            return func(*args, **kwargs)
 
     with Count():
         fn()
@@ -111,16 +111,40 @@ def test_recast_when_a_weight_changes_in_place():
 
 def test_own_forward_outside_bf16_autocast_and_for_weights_that_train():
     model = _lora_net()
-    # a trainable head: autocast's own cast
-    model.base_model.model.head.weight.requires_grad_(True)
+    head = model.base_model.model.head
+    head.weight.requires_grad_(True)  # a trainable head: autocast's to cast
     x = torch.randn(2, 5, 16)
+
+    def two_autocast_blocks():
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(x)
+
     with torch.no_grad():
         expect = model(x)
         with weights_cast_once(model):
-            assert torch.equal(model(x), expect)  # fp32: untouched
-    with weights_cast_once(model), torch.autocast("cpu", dtype=torch.bfloat16):
-        shapes = _casts(lambda: model(x))
-    assert (50, 16) in shapes  # the trainable head is autocast's, cast on the call
+            assert "forward" not in head.__dict__
+            assert torch.equal(model(x), expect)  # fp32: the layers' own forward
+            shapes = _casts(two_autocast_blocks)
+    assert shapes.count((50, 16)) == 2  # the trainable head: once per autocast block
+    assert shapes.count((32, 16)) == 1  # up's frozen base layer: once for the whole block
+
+
+def test_a_layer_that_starts_training_inside_the_block_is_cast_by_autocast_again():
+    model = _lora_net()
+    head = model.base_model.model.head
+    x = torch.randn(2, 5, 16)
+
+    def two_autocast_blocks():
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(x)
+
+    with torch.no_grad(), weights_cast_once(model):
+        assert "forward" in head.__dict__  # frozen when the block began
+        assert _casts(two_autocast_blocks).count((50, 16)) == 1
+        head.weight.requires_grad_(True)
+        assert _casts(two_autocast_blocks).count((50, 16)) == 2  # autocast's, per block
 
 
 def test_generation_of_a_frozen_model_casts_each_weight_once_with_the_same_answers(

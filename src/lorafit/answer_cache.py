@@ -122,16 +122,17 @@ def write_shipped_identity(folder: str | Path) -> Path:
 
 def drop_stale_shipped(folder: str | Path) -> list[Path]:
     """Before ``make base-answers`` makes this machine kind's answers again: delete them, and
-    every shipped file made by another lorafit answer version or other torch/transformers
-    versions (no machine can use those). The current files of other machine kinds stay: this
+    every shipped file made from another base model, by another lorafit answer version or
+    other torch/transformers versions, or without its ``KEY.json`` (no machine can use those). The current files of other machine kinds stay: this
     machine cannot make them."""
     identity = _demo_identity()
-    current = {k: identity[k] for k in ("lorafit", "torch", "transformers")}
+    current = {k: identity[k] for k in ("base", "lorafit", "torch", "transformers")}
     dropped = []
-    for made in sorted(Path(folder).glob("*.json")):
-        other = json.loads(made.read_text()).get("identity", {})
+    for answers in sorted(Path(folder).glob("*.jsonl")):
+        made = answers.with_suffix(".json")  # none: answers nothing says the key of
+        other = json.loads(made.read_text()).get("identity", {}) if made.is_file() else {}
         if other == identity or any(other.get(k) != v for k, v in current.items()):
-            for path in (made, made.with_suffix(".jsonl")):
+            for path in (made, answers):
                 if path.exists():
                     path.unlink()
                     dropped.append(path)

@@ -6,16 +6,20 @@ weights are frozen, as the tuned model in evaluation is (peft freezes them; a pl
 ``from_pretrained`` model's weights require grad and are autocast's to keep), has the whole
 model read in fp32 and written in bf16 at every generated token. Inside
 ``weights_cast_once(model)`` each frozen fp32 ``nn.Linear`` keeps its bf16 cast and recasts
-only if its weight changes (a new tensor, or an in-place update through the parameter). Autocast
+only if its weight is replaced or updated in place through the parameter. Autocast
 rounds the same way (``Tensor.to``) and runs the same kernel on the same bf16 operands: outputs
 and gradients are bit-identical. The copies (2 bytes per frozen weight) are dropped on exit.
 Outside CPU bf16 autocast, or for a weight that trains, the layer's own forward runs (hooks run
 either way: they wrap ``forward``).
 
-Measured (bench/cast_once.py, 2-core Intel Xeon with AMX): a tuned demo run answering 96
-held-out questions, 16.3 s -> 11.7 s (1.40x), identical answers. Training gains nothing (one
-cast per step is ~1% of a step: 45.1 s vs 47.4 s for 20 steps, noise), so training does not
-use it.
+The base model's answers in evaluation (the same frozen weights, adapter disabled) take this
+path too, so cached and shipped base answers rest on it being bit-identical
+(tests/test_frozen_weights.py). Measured with ``.venv/bin/python bench/cast_once.py --model
+RUN`` on a 2-core Intel Xeon with AMX: a tuned demo run answering 96 held-out questions,
+16.3 s -> 11.7 s (1.40x), identical answers (not yet measured on an AVX512-BF16 CPU).
+Training gains nothing (an earlier revision of that script, 20 demo steps: 45.1 s with
+autocast's casts, 47.4 s cast once, identical losses; one cast per step is ~1% of it), so
+training does not use it.
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ _CAST = "_lorafit_bf16_cast"
 
 @contextlib.contextmanager
 def weights_cast_once(model: torch.nn.Module) -> Iterator[None]:
-    """Within the block, each frozen fp32 linear layer of ``model`` casts its weight once."""
+    """Within the block, each frozen fp32 linear layer of ``model`` casts its weight once.
+
+    Weights must not change inside the block other than through the parameter itself: an
+    update through ``.data`` (peft's merge_adapter and unmerge_adapter) keeps its version count
+    and would keep the old cast; evaluation merges between ``generate`` calls, never inside
+    one. One thread at a time per model: a second block on the same model patches nothing and
+    runs autocast's way once the first ends.
+    """
     layers = [
         m
         for m in model.modules()
@@ -71,11 +82,18 @@ def _cast_once_forward(layer: torch.nn.Linear):
 
 def _bf16(layer: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     weight, bias = layer.weight, layer.bias
-    key = (weight.data_ptr(), weight._version)
-    key += (None,) if bias is None else (bias.data_ptr(), bias._version)
+    # the tensors themselves (an address alone may be reused by a new tensor) and their
+    # versions, which in-place updates through the parameter bump
+    state = (weight, weight._version, bias, None if bias is None else bias._version)
     cached = layer.__dict__.get(_CAST)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cast = (weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
-        cached = layer.__dict__[_CAST] = (key, cast)
-    return cached[1]
+    if cached is not None and _same(cached[0], state):
+        return cached[1]
+    with torch.no_grad():
+        cast = (weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
+    if "forward" in layer.__dict__:  # the block has not ended meanwhile (another thread)
+        layer.__dict__[_CAST] = (state, cast)
+    return cast
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[1] == b[1] and a[2] is b[2] and a[3] == b[3]

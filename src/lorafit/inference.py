@@ -79,6 +79,8 @@ def generate(
     answers that have ended leave their batch (:func:`greedy_ids`).
     ``precision`` bf16/fp16 autocasts a float32 model (see :func:`autocast_for`).
     """
+    import contextlib
+
     import torch
 
     from lorafit.frozen_weights import weights_cast_once
@@ -89,9 +91,11 @@ def generate(
     tokenizer.padding_side = "left"
     end_ids = {tokenizer.eos_token_id}
     device = next(model.parameters()).device
+    cast_once = contextlib.nullcontext()
+    if device.type == "cpu" and applied_precision(model, precision) == "bf16":
+        cast_once = weights_cast_once(model)  # frozen weights cast once, not once per token
     try:
-        # under bf16 autocast the frozen weights are cast once, not once per generated token
-        with weights_cast_once(model):
+        with cast_once:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 texts = [_prompt_text(tokenizer, prompts[i]) for i in idx]
