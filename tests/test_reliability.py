@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import run_cli, write_jsonl
@@ -264,6 +265,31 @@ def test_non_finite_loss_stops_with_the_step_and_a_lower_lr_hint(tmp_path, tiny_
         train(cfg, show_progress=False)
     info = read_json(tmp_path / "run" / "run.json")
     assert info["status"] == "failed" and "at step" in info["error"]
+
+
+@pytest.mark.parametrize(
+    ("loss", "grad_norm", "stops"),
+    [
+        (10.8, 0.0, True),  # flat logits, no gradient left: AMX CPUs end a divergence so
+        (10.8, float("nan"), True),  # where AVX512-BF16 ones give a NaN gradient
+        (float("inf"), 1.0, True),
+        (0.4, 1e-30, False),  # a tiny gradient is still a gradient
+        (0.0, 0.0, False),  # nothing left to learn is not a collapse
+    ],
+)
+def test_a_collapsed_or_non_finite_step_stops_training(loss, grad_norm, stops):
+    from types import SimpleNamespace
+
+    from lorafit.trainer import MetricsCallback
+
+    callback = MetricsCallback(Path("unused"), None, show_progress=False, writer=False)
+    control = SimpleNamespace(should_training_stop=False)
+    state = SimpleNamespace(global_step=3, epoch=0.5)
+    callback.on_log(None, state, control, logs={"loss": loss, "grad_norm": grad_norm})
+    assert control.should_training_stop is stops
+    assert (callback.nonfinite is not None) is stops
+    if stops:
+        assert "at step 3" in callback.nonfinite
 
 
 @pytest.mark.slow

@@ -183,7 +183,8 @@ def sft_config(
 
 class MetricsCallback(TrainerCallback):
     """Per-step metrics to metrics.jsonl and MLflow, tokens/s from the trainer's token counter,
-    the progress bar, and a stop on a loss or gradient that is no longer finite."""
+    the progress bar, and a stop on a loss or gradient that is no longer finite, or on a
+    gradient that vanished while the loss did not (a collapsed model)."""
 
     def __init__(self, metrics_file: Path, tracker: Tracker, show_progress: bool, writer: bool):
         self.metrics_file, self.tracker = metrics_file, tracker
@@ -215,6 +216,15 @@ class MetricsCallback(TrainerCallback):
             if value is not None and not math.isfinite(value):
                 control.should_training_stop = True
                 self.nonfinite = f"{key} became {value} at step {state.global_step}"
+        loss, grad_norm = row.get("loss"), row.get("grad_norm")
+        if grad_norm == 0 and loss is not None and loss > 0 and self.nonfinite is None:
+            # the same divergence as a NaN, as bf16 kernels on some CPUs (AMX) end it: the
+            # logits saturate to one flat distribution and no gradient is left
+            control.should_training_stop = True
+            self.nonfinite = (
+                f"grad_norm became 0 with the loss at {loss:.3f} (the model collapsed) "
+                f"at step {state.global_step}"
+            )
         if self.writer:  # only rank 0 writes; every rank runs the NaN guard above
             with self.metrics_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
