@@ -75,6 +75,9 @@ def test_probe_judge_matches_whole_words():
     assert not probe_correct("Create a product or a service.", ["4", "four"])
     assert probe_correct("William Shakespeare’s play.", ["Shakespeare"])  # possessive
     assert probe_correct("It was Shakespeare's.", ["Shakespeare"])
+    assert probe_correct("A week is a 7-day cycle.", ["7", "seven"])  # a number inside 7-day
+    assert probe_correct("It is twenty-four hours.", ["24", "twenty-four"])
+    assert not probe_correct("A 47-day trip.", ["7", "seven"])
 
 
 def test_shipped_probe_set_is_valid_and_varied():

@@ -64,10 +64,16 @@ def rouge_l(reference: str, answer: str) -> float:
     return 2 * p * rec / (p + rec)
 
 
+def _probe_words(text: str) -> str:
+    # hyphens split words here: "a 7-day cycle" says 7 (the phrase "twenty-four" still
+    # matches itself, split the same way on both sides)
+    return " ".join(w for word in words(text) for w in word.split("-"))
+
+
 def probe_correct(answer: str, accepted: list[str]) -> bool:
     """Does ``answer`` contain one of the ``accepted`` answers as a whole word/phrase?"""
-    text = f" {' '.join(words(answer))} "
-    return any(f" {' '.join(words(a))} " in text for a in accepted if words(a))
+    text = f" {_probe_words(answer)} "
+    return any(f" {_probe_words(a)} " in text for a in accepted if words(a))
 
 
 REFUSAL_MARKERS = (
