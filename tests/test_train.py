@@ -351,3 +351,37 @@ def test_gradient_checkpointing_trains_with_the_shared_prefix_off(tmp_path, tiny
     assert info["status"] == "completed" and info["results"]["shared_prefix"] == 0
     losses = _losses(run)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.8
+
+
+def test_loraplus_gives_b_matrices_their_own_learning_rate(tmp_path, tiny_model_dir):
+    """train.loraplus_lr_ratio: every B matrix in a group at that multiple of train.lr, every
+    other trainable parameter at train.lr, through the schedule; 1 keeps TRL's optimizer."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Rates(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, model=None, **kw):
+            seen.append([g["lr"] for g in optimizer.param_groups])
+            if state.global_step == 1:
+                names = {id(p): n for n, p in model.named_parameters()}
+                groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+                seen.append(groups)
+
+    sets = {"train.max_steps": 6, "train.loraplus_lr_ratio": 8, "tracking.enabled": False}
+    run = train(_cfg(tmp_path, tiny_model_dir, **sets), show_progress=False, callbacks=[Rates()])
+    first, groups, *rest = seen
+    assert first[1] == pytest.approx(8 * first[0]) and first[0] > 0
+    assert all(r[1] == pytest.approx(8 * r[0]) for r in rest)  # the schedule keeps the ratio
+    assert groups[1] and all(".lora_B." in n for n in groups[1])
+    assert groups[0] and all(".lora_B." not in n for n in groups[0])
+    assert _losses(run)[-1] < _losses(run)[0]
+
+    seen.clear()
+    sets["train.loraplus_lr_ratio"] = 1
+    train(
+        _cfg(tmp_path, tiny_model_dir, out="plain", **sets),
+        show_progress=False,
+        callbacks=[Rates()],
+    )
+    assert len({lr for lr in seen[0]}) == 1  # plain LoRA: one rate for every group

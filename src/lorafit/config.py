@@ -179,6 +179,12 @@ class TrainSection(_Section):
         "(configs/demo.yaml uses it).",
     )
     grad_accumulation: int = Field(2, gt=0, description="Micro-batches per optimizer step.")
+    loraplus_lr_ratio: float = Field(
+        1.0,
+        ge=1.0,
+        description="LoRA+: the learning rate of LoRA's B matrices is train.lr times this "
+        "(1 = plain LoRA).",
+    )
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps warming up.")
     weight_decay: float = Field(0.0, ge=0.0)

@@ -62,6 +62,29 @@ class LorafitTrainer(SFTTrainer):
             self.answer_tokens_seen += count
         return loss
 
+    def create_optimizer(self, model=None):
+        """AdamW as TRL builds it; with ``train.loraplus_lr_ratio`` > 1, LoRA's B matrices
+        learn that many times faster than A (LoRA+, Hayou et al. 2024)."""
+        ratio = self.lorafit_config.train.loraplus_lr_ratio
+        if ratio == 1 or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        groups: dict[bool, list] = {False: [], True: []}
+        for name, param in opt_model.named_parameters():
+            if param.requires_grad:
+                groups["lora_B" in name].append(param)
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        lr = kwargs.pop("lr", self.args.learning_rate)
+        decay = self.args.weight_decay
+        self.optimizer = cls(
+            [
+                {"params": groups[False], "lr": lr, "weight_decay": decay},
+                {"params": groups[True], "lr": lr * ratio, "weight_decay": decay},
+            ],
+            **kwargs,
+        )
+        return self.optimizer
+
     def _teacher(self, inputs):
         """The base distributions of the replay rows packed in this batch (None: none)."""
         from lorafit.loss import Teacher
