@@ -218,7 +218,8 @@ def run_trl_recommended(
     dataset = Dataset.from_list(
         [
             {
-                "prompt": [{"role": "user", "content": r["prompt"]}],
+                # a follow-up's earlier turns too: the conversations lorafit trains on
+                "prompt": [*r.get("history", []), {"role": "user", "content": r["prompt"]}],
                 "completion": [{"role": "assistant", "content": r["response"]}],
             }
             for r in rows
