@@ -461,9 +461,10 @@ def main() -> None:
         speedup = at_least = None  # null where either hit the cap first
         if mine.get("seconds_to_95") and theirs.get("seconds_to_95"):
             speedup = theirs["seconds_to_95"] / mine["seconds_to_95"]
-        elif mine.get("seconds_to_95") and theirs.get("curve"):
-            # they trained this long without reaching 95%: the ratio is at least this
-            at_least = theirs["curve"][-1][0] / mine["seconds_to_95"]
+        elif mine.get("seconds_to_95") and all(r["curve"] for r in theirs["rounds"]):
+            # their shortest round trained this long without reaching 95%: at least this
+            shortest = min(r["curve"][-1][0] for r in theirs["rounds"])
+            at_least = shortest / mine["seconds_to_95"]
         results[f"{key}_speedup_vs_{other}"] = speedup
         results[f"{key}_speedup_vs_{other}_at_least"] = at_least
     results_file.write_text(json.dumps(results, indent=1) + "\n")

@@ -371,10 +371,15 @@ def test_loraplus_gives_b_matrices_their_own_learning_rate(tmp_path, tiny_model_
     sets = {"train.max_steps": 6, "train.loraplus_lr_ratio": 8, "tracking.enabled": False}
     run = train(_cfg(tmp_path, tiny_model_dir, **sets), show_progress=False, callbacks=[Rates()])
     first, groups, *rest = seen
-    assert first[1] == pytest.approx(8 * first[0]) and first[0] > 0
-    assert all(r[1] == pytest.approx(8 * r[0]) for r in rest)  # the schedule keeps the ratio
-    assert groups[1] and all(".lora_B." in n for n in groups[1])
-    assert groups[0] and all(".lora_B." not in n for n in groups[0])
+    # peft's LoRA+ optimizer: A, embedding, B and B without decay (empty groups included)
+    b = [i for i, g in enumerate(groups) if g and all(".lora_B." in n for n in g)]
+    a = [i for i, g in enumerate(groups) if g and all(".lora_B." not in n for n in g)]
+    assert len(b) == 1 and len(a) == 1 and sum(map(len, groups)) == len(groups[a[0]]) * 2
+    b, a = b[0], a[0]
+    assert first[b] == pytest.approx(8 * first[a]) and first[a] > 0
+    assert all(r[b] == pytest.approx(8 * r[a]) for r in rest)  # the schedule keeps the ratio
+    assert groups[b] and all(".lora_B." in n for n in groups[b])
+    assert groups[a] and all(".lora_B." not in n for n in groups[a])
     assert _losses(run)[-1] < _losses(run)[0]
 
     seen.clear()
@@ -385,3 +390,14 @@ def test_loraplus_gives_b_matrices_their_own_learning_rate(tmp_path, tiny_model_
         callbacks=[Rates()],
     )
     assert len({lr for lr in seen[0]}) == 1  # plain LoRA: one rate for every group
+
+
+def test_resuming_with_another_loraplus_ratio_says_what_to_do(tmp_path, tiny_model_dir):
+    """LoRA+ groups the optimizer's parameters differently: a checkpoint trained with ratio 1
+    cannot continue with 8; the user is told which key, not torch's ValueError."""
+    sets = {"train.max_steps": 10, "tracking.enabled": False}
+    train(_cfg(tmp_path, tiny_model_dir, **sets), show_progress=False)
+    sets.update({"train.max_steps": 20, "train.loraplus_lr_ratio": 8})
+    with pytest.raises(LorafitError, match="train.loraplus_lr_ratio is 8 now"):
+        train(_cfg(tmp_path, tiny_model_dir, **sets), show_progress=False, resume=True)
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-10").is_dir()  # nothing lost

@@ -154,6 +154,16 @@ def _fit(job: TrainingJob, model, tokenizer, resume: bool, show_progress: bool, 
     checkpoint = run.latest_checkpoint() if resume else None
     try:
         result = _run(trainer, stop, checkpoint, info["world_size"])
+    except ValueError as e:
+        if not (checkpoint and "parameter group" in str(e)):
+            raise
+        record.fail("the checkpoint's optimizer does not match this config")
+        raise LorafitError(
+            f"{checkpoint}: its optimizer state has other parameter groups than this config "
+            f"builds (train.loraplus_lr_ratio is {config.train.loraplus_lr_ratio:g} now; 1 and "
+            "any other value group the parameters differently). Resume with the value the run "
+            "was trained with, or train a new run."
+        ) from None
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

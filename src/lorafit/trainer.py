@@ -63,25 +63,23 @@ class LorafitTrainer(SFTTrainer):
         return loss
 
     def create_optimizer(self, model=None):
-        """AdamW as TRL builds it; with ``train.loraplus_lr_ratio`` > 1, LoRA's B matrices
-        learn that many times faster than A (LoRA+, Hayou et al. 2024)."""
+        """AdamW as TRL builds it; with ``train.loraplus_lr_ratio`` > 1, peft's LoRA+ optimizer
+        (Hayou et al. 2024): LoRA's B matrices learn that many times faster than A."""
         ratio = self.lorafit_config.train.loraplus_lr_ratio
         if ratio == 1 or self.optimizer is not None:
             return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
         opt_model = self.model if model is None else model
-        groups: dict[bool, list] = {False: [], True: []}
-        for name, param in opt_model.named_parameters():
-            if param.requires_grad:
-                groups["lora_B" in name].append(param)
         cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        lr = kwargs.pop("lr", self.args.learning_rate)
-        decay = self.args.weight_decay
-        self.optimizer = cls(
-            [
-                {"params": groups[False], "lr": lr, "weight_decay": decay},
-                {"params": groups[True], "lr": lr * ratio, "weight_decay": decay},
-            ],
-            **kwargs,
+        self.optimizer = create_loraplus_optimizer(
+            opt_model,
+            cls,
+            **{**kwargs, "lr": kwargs.get("lr", self.args.learning_rate)},
+            loraplus_lr_ratio=ratio,
+            loraplus_weight_decay=self.args.weight_decay,
+            # peft's default for LoRA on embeddings is a fixed 1e-6: train them at train.lr
+            loraplus_lr_embedding=kwargs.get("lr", self.args.learning_rate),
         )
         return self.optimizer
 
